@@ -1,0 +1,63 @@
+/* main.c - the tptt command: dispatch to subcommands. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "util/platform.h"
+
+#ifndef TPTT_VERSION
+#define TPTT_VERSION "0.1.0"
+#endif
+
+static void usage(FILE *fp) {
+    fprintf(fp,
+            "usage: tptt <command> [options]\n"
+            "\n"
+            "commands:\n"
+            "  init-model   write a Hugging Face-layout model with seeded random weights\n"
+            "  inspect      describe a model directory and the memory one rank needs to train it\n"
+            "  version      print the version and the numeric libraries in use\n"
+            "\n"
+            "Run 'tptt <command> --help' for a command's options. Documentation: docs/.\n");
+}
+
+int tp_cli_error(const char *msg) {
+    fprintf(stderr, "tptt: %s\n", msg);
+    return 1;
+}
+
+int tp_cli_int(const char *s, long long lo, long long hi, long long *out) {
+    if (!s || !*s) return -1;
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    tp_maybe_reexec_for_blas(argc, argv);
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "init-model")) return tp_cmd_init_model(argc - 1, argv + 1);
+    if (!strcmp(cmd, "inspect")) return tp_cmd_inspect(argc - 1, argv + 1);
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
+        char buf[512];
+        tp_platform_describe(buf, sizeof buf);
+        printf("tptt %s\n%s\n", TPTT_VERSION, buf);
+        return 0;
+    }
+    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "tptt: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}

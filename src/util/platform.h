@@ -1,0 +1,25 @@
+/* platform.h - what the CPU and the numeric libraries offer, and picking the
+ * best BLAS kernels without the user knowing.
+ *
+ * Debian's OpenBLAS 0.3.21 detects AVX-512 Zen CPUs as Haswell; forcing the
+ * SkylakeX kernels (OPENBLAS_CORETYPE) doubles sgemm. The variable is read when
+ * libopenblas loads, i.e. before main(), so tptt sets it and re-executes itself
+ * once at start-up (before MPI_Init, so mpirun never sees a new process). */
+#ifndef TPTT_UTIL_PLATFORM_H
+#define TPTT_UTIL_PLATFORM_H
+
+typedef struct tp_cpu_features {
+    int avx2, avx512f, avx512bw, avx512_bf16;
+} tp_cpu_features;
+
+void tp_cpu_detect(tp_cpu_features *f);
+
+/* If the CPU has AVX-512 and OPENBLAS_CORETYPE is unset, set it to SKYLAKEX and
+ * exec /proc/self/exe with the same argv. Returns only if no re-exec happened
+ * (or it failed, in which case the default kernels are used). */
+void tp_maybe_reexec_for_blas(int argc, char **argv);
+
+/* One line describing the BLAS core, oneDNN ISA, OpenMP threads and CPU flags. */
+void tp_platform_describe(char *buf, unsigned long n);
+
+#endif
