@@ -18,6 +18,7 @@ static void usage(FILE *fp) {
             "commands:\n"
             "  init-model   write a Hugging Face-layout model with seeded random weights\n"
             "  inspect      describe a model directory and the memory one rank needs to train it\n"
+            "  dump         one forward+backward on a batch, written out for numerical checks\n"
             "  version      print the version and the numeric libraries in use\n"
             "\n"
             "Run 'tptt <command> --help' for a command's options. Documentation: docs/.\n");
@@ -47,6 +48,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "init-model")) return tp_cmd_init_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "inspect")) return tp_cmd_inspect(argc - 1, argv + 1);
+    if (!strcmp(cmd, "dump")) return tp_cmd_dump(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         char buf[512];
         tp_platform_describe(buf, sizeof buf);

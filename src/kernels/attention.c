@@ -1,0 +1,126 @@
+#include "kernels/attention.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/matmul.h"
+
+#define BQ 64 /* query rows per block */
+
+static inline int64_t lower_bound(const tp_attn_dims *s, const int32_t *ds, int64_t t) {
+    int64_t lo = ds[t];
+    if (s->window > 0 && t - s->window + 1 > lo) lo = t - s->window + 1;
+    return lo;
+}
+
+/* Probabilities of the query block [i0, i1) against keys [kmin, i1) into P
+ * (bq x kn); scores via sgemm. When lse_out, computes and stores lse;
+ * otherwise uses lse_in. */
+static void block_probs(const tp_attn_dims *s, const int32_t *ds, const float *qb, int64_t ldq, const float *kb,
+                        int64_t ldk, int64_t i0, int64_t i1, int64_t kmin, float *P, float *lse_out,
+                        const float *lse_in) {
+    int64_t bq = i1 - i0, kn = i1 - kmin, d = s->d;
+    float scale = (float)(1.0 / sqrt((double)d));
+    tp_sgemm(0, 1, bq, kn, d, scale, qb, ldq, kb, ldk, 0.0f, P, kn);
+    for (int64_t r = 0; r < bq; r++) {
+        int64_t i = i0 + r, lo = lower_bound(s, ds, i) - kmin, hi = i - kmin; /* valid columns [lo, hi] */
+        float *p = P + r * kn;
+        for (int64_t c = 0; c < lo; c++) p[c] = 0;
+        for (int64_t c = hi + 1; c < kn; c++) p[c] = 0;
+        float l;
+        if (lse_out) {
+            float mx = -INFINITY;
+            for (int64_t c = lo; c <= hi; c++) mx = p[c] > mx ? p[c] : mx;
+            double sum = 0;
+            for (int64_t c = lo; c <= hi; c++) sum += exp((double)(p[c] - mx));
+            l = (float)(mx + log(sum));
+            lse_out[r] = l;
+        } else {
+            l = lse_in[r];
+        }
+        for (int64_t c = lo; c <= hi; c++) p[c] = expf(p[c] - l);
+    }
+}
+
+int tp_attn_fwd(const tp_attn_dims *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
+                float *o, float *lse, tp_err *err) {
+    int64_t B = s->B, T = s->T, H = s->H, d = s->d, g = H / s->Hkv;
+    int64_t ldq = H * d, ldk = s->Hkv * d, nblk = (T + BQ - 1) / BQ;
+    int64_t tasks = B * H * nblk;
+    int fail = 0;
+#pragma omp parallel reduction(| : fail)
+    {
+        float *P = malloc((size_t)BQ * (size_t)T * sizeof(float));
+        if (!P) fail = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!P) continue;
+            int64_t b = task / (H * nblk), h = (task / nblk) % H, blk = task % nblk;
+            int64_t i0 = blk * BQ, i1 = i0 + BQ < T ? i0 + BQ : T;
+            const int32_t *ds = doc_start + b * T;
+            int64_t kmin = lower_bound(s, ds, i0), kn = i1 - kmin;
+            const float *qb = q + (b * T + i0) * ldq + h * d;
+            const float *kb = k + (b * T + kmin) * ldk + (h / g) * d;
+            const float *vb = v + (b * T + kmin) * ldk + (h / g) * d;
+            block_probs(s, ds, qb, ldq, kb, ldk, i0, i1, kmin, P, lse + (b * H + h) * T + i0, NULL);
+            tp_sgemm(0, 0, i1 - i0, d, kn, 1.0f, P, kn, vb, ldk, 0.0f, o + (b * T + i0) * ldq + h * d, ldq);
+        }
+        free(P);
+    }
+    if (fail) return tp_fail(err, TP_ENOMEM, "attention: out of memory for %lld x %lld scores", (long long)BQ, (long long)T);
+    return TP_OK;
+}
+
+int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
+                const float *o, const float *lse, const float *dout, float *dq, float *dk, float *dv, tp_err *err) {
+    int64_t B = s->B, T = s->T, H = s->H, Hkv = s->Hkv, d = s->d, g = H / Hkv;
+    int64_t ldq = H * d, ldk = Hkv * d, nblk = (T + BQ - 1) / BQ;
+    float scale = (float)(1.0 / sqrt((double)d));
+    memset(dk, 0, (size_t)(B * T * ldk) * sizeof(float));
+    memset(dv, 0, (size_t)(B * T * ldk) * sizeof(float));
+    int fail = 0;
+#pragma omp parallel reduction(| : fail)
+    {
+        float *P = malloc((size_t)BQ * (size_t)T * sizeof(float));
+        float *dP = malloc((size_t)BQ * (size_t)T * sizeof(float));
+        float Dv[BQ];
+        if (!P || !dP) fail = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * Hkv; task++) {
+            if (fail) continue;
+            int64_t b = task / Hkv, kvh = task % Hkv;
+            const int32_t *ds = doc_start + b * T;
+            for (int64_t h = kvh * g; h < (kvh + 1) * g; h++) {
+                for (int64_t blk = 0; blk < nblk; blk++) {
+                    int64_t i0 = blk * BQ, i1 = i0 + BQ < T ? i0 + BQ : T, bq = i1 - i0;
+                    int64_t kmin = lower_bound(s, ds, i0), kn = i1 - kmin;
+                    const float *qb = q + (b * T + i0) * ldq + h * d;
+                    const float *ob = o + (b * T + i0) * ldq + h * d;
+                    const float *dob = dout + (b * T + i0) * ldq + h * d;
+                    const float *kb = k + (b * T + kmin) * ldk + kvh * d;
+                    const float *vb = v + (b * T + kmin) * ldk + kvh * d;
+                    block_probs(s, ds, qb, ldq, kb, ldk, i0, i1, kmin, P, NULL, lse + (b * H + h) * T + i0);
+                    tp_sgemm(0, 1, bq, kn, d, 1.0f, dob, ldq, vb, ldk, 0.0f, dP, kn);
+                    for (int64_t r = 0; r < bq; r++) {
+                        double acc = 0;
+                        for (int64_t c = 0; c < d; c++) acc += (double)dob[r * ldq + c] * ob[r * ldq + c];
+                        Dv[r] = (float)acc;
+                    }
+                    for (int64_t r = 0; r < bq; r++) {
+                        float *dp = dP + r * kn;
+                        const float *p = P + r * kn;
+                        for (int64_t c = 0; c < kn; c++) dp[c] = p[c] * (dp[c] - Dv[r]); /* P = 0 where masked */
+                    }
+                    tp_sgemm(0, 0, bq, d, kn, scale, dP, kn, kb, ldk, 0.0f, dq + (b * T + i0) * ldq + h * d, ldq);
+                    tp_sgemm(1, 0, kn, d, bq, scale, dP, kn, qb, ldq, 1.0f, dk + (b * T + kmin) * ldk + kvh * d, ldk);
+                    tp_sgemm(1, 0, kn, d, bq, 1.0f, P, kn, dob, ldq, 1.0f, dv + (b * T + kmin) * ldk + kvh * d, ldk);
+                }
+            }
+        }
+        free(P);
+        free(dP);
+    }
+    if (fail) return tp_fail(err, TP_ENOMEM, "attention backward: out of memory");
+    return TP_OK;
+}

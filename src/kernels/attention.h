@@ -1,0 +1,35 @@
+/* attention.h - causal softmax attention with GQA, sliding window and
+ * document boundaries (LIZA.md section 1), forward and backward.
+ *
+ * Layouts (row-major, tokens of row b at b*T .. b*T+T-1):
+ *   q, dq      [B*T, H*d]    (after RoPE)
+ *   k, v, dk, dv [B*T, Hkv*d]
+ *   o, do      [B*T, H*d]
+ *   lse        [B, H, T]     log-sum-exp of each query's scores (saved by
+ *                            forward; backward recomputes probabilities)
+ *   doc_start  [B*T]         position (within its row) where token t's
+ *                            document starts
+ * Query i sees key j iff doc_start[i] <= j <= i and (window == 0 or
+ * i - window < j). Query head h uses kv head h / (H/Hkv). Scale d^-1/2.
+ * Work is split over (row, head, query block) in forward and over (row, kv
+ * head) in backward, so every output is written by one thread in a fixed
+ * order: results do not depend on the thread count. */
+#ifndef TPTT_KERNELS_ATTENTION_H
+#define TPTT_KERNELS_ATTENTION_H
+
+#include <stdint.h>
+
+#include "util/err.h"
+
+typedef struct tp_attn_dims {
+    int64_t B, T, H, Hkv, d;
+    int64_t window; /* 0 = none */
+} tp_attn_dims;
+
+int tp_attn_fwd(const tp_attn_dims *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
+                float *o, float *lse, tp_err *err);
+/* dq overwritten; dk, dv overwritten. */
+int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
+                const float *o, const float *lse, const float *dout, float *dq, float *dk, float *dv, tp_err *err);
+
+#endif

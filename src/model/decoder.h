@@ -1,0 +1,105 @@
+/* decoder.h - the frozen-base decoder with LoRA (LIZA.md sections 1, 4, 5):
+ * forward and backward of Llama/Mistral/Qwen2 stacks over packed batches.
+ *
+ * Memory design: frozen weights are used in place from the read-only mmap of
+ * the base model (tp_hf_model) in their stored dtype; only small frozen
+ * tensors (norm weights, biases) get fp32 copies. Every trainable parameter
+ * lives in ONE contiguous fp32 buffer (theta) with a gradient buffer of the
+ * same layout (grad), described by a parameter table, so the optimiser,
+ * allreduce and checkpoints see flat arrays. Trainable sets:
+ *   lora         A [r, in] and B [out, r] of the target modules
+ *   projections  fp32 copies of the target modules' full weights
+ *   all          fp32 copies of every weight (for pretraining tiny models)
+ * Activations of a micro-batch are kept for backward, or with
+ * recompute only each layer's input (the layer is re-run in backward).
+ *
+ * The attention block computes o_attn from q, k, v (pre-RoPE copies are kept
+ * for the linear branch of the next issue) and adds it to the residual. */
+#ifndef TPTT_MODEL_DECODER_H
+#define TPTT_MODEL_DECODER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io/hf_model.h"
+#include "kernels/matmul.h"
+
+typedef enum tp_trainable { TP_TRAIN_LORA = 0, TP_TRAIN_PROJECTIONS = 1, TP_TRAIN_ALL = 2 } tp_trainable;
+
+/* The seven projections of a layer, in HF order. */
+enum { TP_MOD_Q, TP_MOD_K, TP_MOD_V, TP_MOD_O, TP_MOD_GATE, TP_MOD_UP, TP_MOD_DOWN, TP_NMOD };
+extern const char *const tp_module_names[TP_NMOD]; /* "q_proj", ... */
+extern const char *const tp_module_paths[TP_NMOD]; /* "self_attn.q_proj", "mlp.gate_proj", ... */
+
+typedef struct tp_lora_opts {
+    int r;
+    double alpha;
+    double dropout;
+    unsigned targets; /* bit m set: module m carries LoRA / is trainable (projections) */
+    int rslora;       /* scale alpha/sqrt(r) instead of alpha/r */
+    int init_random;  /* B ~ U(-1/sqrt(r), 1/sqrt(r)) instead of 0 (tests) */
+} tp_lora_opts;
+
+typedef struct tp_decoder_opts {
+    tp_trainable trainable;
+    tp_lora_opts lora;
+    tp_mm_backend matmul;
+    int recompute;
+    uint64_t seed;
+} tp_decoder_opts;
+
+void tp_decoder_opts_default(tp_decoder_opts *o);
+/* Parse a comma list of module names into a targets mask. */
+int tp_lora_parse_targets(const char *list, unsigned *mask, tp_err *err);
+const char *tp_trainable_name(tp_trainable t);
+
+#define TP_PARAM_NAME_MAX 160
+
+typedef struct tp_param {
+    char name[TP_PARAM_NAME_MAX]; /* key in adapter/dump files (PEFT style) */
+    int ndim;
+    int64_t shape[2];
+    size_t offset, numel; /* into theta / grad */
+    int decay;            /* AdamW weight decay applies (matrices, not norms/biases) */
+    int is_lora;
+} tp_param;
+
+/* A packed micro-batch: B rows of T tokens. */
+typedef struct tp_batch {
+    int64_t B, T;
+    const int32_t *ids;       /* [B*T] */
+    const int32_t *labels;    /* [B*T], -100 = ignored */
+    const int32_t *doc_start; /* [B*T] position (within the row) where the token's document starts */
+    const int32_t *pos;       /* [B*T] RoPE position (restarts at 0 per document) */
+} tp_batch;
+
+typedef struct tp_decoder tp_decoder;
+
+/* Build on an opened base model (which must outlive the decoder). */
+int tp_decoder_create(const tp_hf_model *base, const tp_decoder_opts *o, tp_decoder **out, tp_err *err);
+void tp_decoder_destroy(tp_decoder *m);
+
+size_t tp_decoder_nparams(const tp_decoder *m);
+const tp_param *tp_decoder_param(const tp_decoder *m, size_t i);
+float *tp_decoder_theta(tp_decoder *m); /* all trainables, contiguous */
+float *tp_decoder_grad(tp_decoder *m);  /* same layout */
+size_t tp_decoder_numel(const tp_decoder *m);
+void tp_decoder_zero_grad(tp_decoder *m);
+/* The step counter seeds dropout masks (so recomputation reproduces them). */
+void tp_decoder_set_step(tp_decoder *m, int64_t step);
+
+/* Forward and backward on one micro-batch. Gradients of the loss
+ * sum(token losses) / normalizer are ADDED to grad (so micro-batches
+ * accumulate; normalizer is the global count of labelled tokens). Returns
+ * the summed token loss and the local labelled count. logits_out, if not
+ * NULL, receives [B*T, V] logits. With backward = 0 only the loss (and
+ * logits) are computed. */
+int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int backward, float *logits_out,
+                    double *loss_sum, int64_t *count, tp_err *err);
+
+/* Fill doc_start/pos for a row of T tokens from its sorted document starts
+ * (first must be 0). Returns TP_EINVAL with a message on bad starts. */
+int tp_batch_row_positions(const int64_t *starts, size_t nstarts, int64_t T, int32_t *doc_start, int32_t *pos,
+                           tp_err *err);
+
+#endif
