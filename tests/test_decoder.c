@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include "io/hf_model.h"
+#include "kernels/liza.h"
+#include "kernels/liza_gates.h"
 #include "model/decoder.h"
 #include "model/init_model.h"
 #include "test.h"
@@ -162,6 +164,28 @@ int main(void) {
         o.lora.dropout = 0.3; /* masks must be the same in every pass */
         snprintf(label, sizeof label, "%s/lora+dropout", models[i].name);
         fd_check(label, hf, &o);
+        o.lora.dropout = 0;
+        /* LiZA + MaG variants (chunk 4 so chunk boundaries fall inside documents) */
+        static const struct { const char *preset; int mode, vector, cross, bscale; double mu0; } lz[] = {
+            {"delta_rule", TP_MAG_LEARNABLE, 0, 1, 0, 0.4},
+            {"gated_delta_product", TP_MAG_LEARNABLE, 1, 0, 1, 0.6},
+            {"delta_rule_gelu", TP_MAG_GRADUAL, 0, 0, 0, 0.2},
+            {"delta_product_c", TP_MAG_CONSTANT, 0, 0, 0, 1.0}, /* pure linear */
+        };
+        for (int z = 0; z < 4; z++) {
+            tp_decoder_opts oz = o;
+            oz.liza.enabled = 1;
+            tp_liza_preset(lz[z].preset, &oz.liza);
+            oz.liza.chunk = 4;
+            oz.liza.base_scale_attn = lz[z].bscale;
+            oz.mag.mode = lz[z].mode;
+            oz.mag.vector = lz[z].vector;
+            oz.mag.cross_gate = lz[z].cross;
+            oz.mag.mu0 = lz[z].mu0;
+            if (i == 2 && z == 0) oz.trainable = TP_TRAIN_ALL; /* every weight with LiZA on */
+            snprintf(label, sizeof label, "%s/liza-%s", models[i].name, lz[z].preset);
+            fd_check(label, hf, &oz);
+        }
         tp_hf_close(hf);
     }
     char cmd[300];

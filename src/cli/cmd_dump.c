@@ -9,6 +9,8 @@
 #include "cli/cli.h"
 #include "io/hf_model.h"
 #include "io/safetensors.h"
+#include "kernels/liza.h"
+#include "kernels/liza_gates.h"
 #include "model/decoder.h"
 #include "util/fsutil.h"
 #include "util/platform.h"
@@ -21,12 +23,17 @@ static void usage(FILE *fp) {
             "parameter and its gradient (<key>.grad) to OUT. Settings (docs/dump.md):\n"
             "  trainable=lora|projections|all  lora.r=8  lora.alpha=16  lora.dropout=0\n"
             "  lora.target_modules=q_proj,k_proj,v_proj,o_proj  lora.rslora=false\n"
-            "  lora.init=default|random  compute.matmul=auto|f32|bf16  compute.recompute=false  seed=0\n");
+            "  lora.init=default|random  compute.matmul=auto|f32|bf16  compute.recompute=false  seed=0\n"
+            "  liza.enabled=false liza.preset=delta_rule liza.order liza.alpha_gate liza.beta_gate\n"
+            "  liza.trick liza.linear liza.chunk_size=64 liza.base_scale_attn=false\n"
+            "  mag.mode=constant|gradual|cyclic|learnable mag.mu0=0.5 mag.mu1 mag.steps mag.values\n"
+            "  mag.period mag.learnable_shape=scalar|vector mag.cross_gate=false mag.step=0\n");
 }
 
 typedef struct dump_settings {
     tp_decoder_opts o;
     int matmul_auto;
+    int64_t step; /* mag.step */
 } dump_settings;
 
 static int parse_bool(const char *v, int *out) {
@@ -39,6 +46,92 @@ static int parse_double(const char *v, double *out) {
     char *end;
     *out = strtod(v, &end);
     return (*v && !*end) ? 0 : -1;
+}
+
+static int parse_gate(const char *v, int *out) {
+    static const char *const names[] = {"c", "k", "v", "kv"};
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(v, names[i])) { *out = i; return 0; }
+    return -1;
+}
+
+static int apply_liza_set(dump_settings *s, const char *key, const char *v, tp_err *err) {
+    tp_liza_opts *lo = &s->o.liza;
+    tp_mag_opts *mg = &s->o.mag;
+    long long n;
+    double x;
+    int b;
+    if (!strcmp(key, "liza.enabled")) {
+        if (parse_bool(v, &b)) return tp_fail(err, TP_EINVAL, "--set liza.enabled=%s: expected true or false", v);
+        lo->enabled = b;
+    } else if (!strcmp(key, "liza.preset")) {
+        if (tp_liza_preset(v, lo))
+            return tp_fail(err, TP_EINVAL,
+                           "--set liza.preset=%s: unknown operator mode (expected delta_rule, delta_rule_v, "
+                           "delta_rule_kv, delta_rule_gelu, gated_delta_rule, delta_product, gated_delta_product, "
+                           "delta_product_r, delta_product_c)", v);
+    } else if (!strcmp(key, "liza.order")) {
+        if (tp_cli_int(v, 1, 8, &n)) return tp_fail(err, TP_EINVAL, "--set liza.order=%s: expected an integer in [1, 8]", v);
+        lo->order = (int)n;
+    } else if (!strcmp(key, "liza.alpha_gate") || !strcmp(key, "liza.beta_gate")) {
+        int g;
+        if (parse_gate(v, &g)) return tp_fail(err, TP_EINVAL, "--set %s=%s: expected c, k, v or kv", key, v);
+        if (key[5] == 'a') lo->alpha_gate = g; else lo->beta_gate = g;
+    } else if (!strcmp(key, "liza.trick")) {
+        if (!strcmp(v, "dt")) lo->trick = TP_TRICK_DT;
+        else if (!strcmp(v, "rot")) lo->trick = TP_TRICK_ROT;
+        else if (!strcmp(v, "rdt")) lo->trick = TP_TRICK_RDT;
+        else return tp_fail(err, TP_EINVAL, "--set liza.trick=%s: expected dt, rot or rdt", v);
+    } else if (!strcmp(key, "liza.linear")) {
+        if (parse_bool(v, &b)) return tp_fail(err, TP_EINVAL, "--set liza.linear=%s: expected true or false", v);
+        lo->linear = b;
+    } else if (!strcmp(key, "liza.chunk_size")) {
+        if (tp_cli_int(v, 1, 4096, &n)) return tp_fail(err, TP_EINVAL, "--set liza.chunk_size=%s: expected an integer in [1, 4096]", v);
+        lo->chunk = (int)n;
+    } else if (!strcmp(key, "liza.base_scale_attn")) {
+        if (parse_bool(v, &b)) return tp_fail(err, TP_EINVAL, "--set liza.base_scale_attn=%s: expected true or false", v);
+        lo->base_scale_attn = b;
+    } else if (!strcmp(key, "mag.mode")) {
+        static const char *const modes[] = {"constant", "gradual", "cyclic", "learnable"};
+        int found = -1;
+        for (int i = 0; i < 4; i++) if (!strcmp(v, modes[i])) found = i;
+        if (found < 0) return tp_fail(err, TP_EINVAL, "--set mag.mode=%s: expected constant, gradual, cyclic or learnable", v);
+        mg->mode = found;
+    } else if (!strcmp(key, "mag.mu0") || !strcmp(key, "mag.mu1")) {
+        if (parse_double(v, &x) || !(x >= 0 && x <= 1)) return tp_fail(err, TP_EINVAL, "--set %s=%s: expected a number in [0, 1]", key, v);
+        if (key[6] == '0') mg->mu0 = x; else mg->mu1 = x;
+    } else if (!strcmp(key, "mag.steps") || !strcmp(key, "mag.period") || !strcmp(key, "mag.step")) {
+        if (tp_cli_int(v, !strcmp(key, "mag.step") ? 0 : 1, 1LL << 40, &n))
+            return tp_fail(err, TP_EINVAL, "--set %s=%s: expected a %s integer", key, v, !strcmp(key, "mag.step") ? "non-negative" : "positive");
+        if (!strcmp(key, "mag.steps")) mg->steps = n;
+        else if (!strcmp(key, "mag.period")) mg->period = n;
+        else s->step = n;
+    } else if (!strcmp(key, "mag.values")) {
+        mg->nvalues = 0;
+        const char *p = v;
+        while (*p) {
+            char *end;
+            x = strtod(p, &end);
+            if (end == p || !(x >= 0 && x <= 1) || mg->nvalues == TP_MAG_MAX_VALUES || (*end && *end != ','))
+                return tp_fail(err, TP_EINVAL, "--set mag.values=%s: expected up to %d comma-separated numbers in [0, 1]", v, TP_MAG_MAX_VALUES);
+            mg->values[mg->nvalues++] = x;
+            p = *end ? end + 1 : end;
+        }
+        if (!mg->nvalues) return tp_fail(err, TP_EINVAL, "--set mag.values: empty list");
+    } else if (!strcmp(key, "mag.learnable_shape")) {
+        if (!strcmp(v, "scalar")) mg->vector = 0;
+        else if (!strcmp(v, "vector")) mg->vector = 1;
+        else return tp_fail(err, TP_EINVAL, "--set mag.learnable_shape=%s: expected scalar or vector", v);
+    } else if (!strcmp(key, "mag.cross_gate")) {
+        if (parse_bool(v, &b)) return tp_fail(err, TP_EINVAL, "--set mag.cross_gate=%s: expected true or false", v);
+        mg->cross_gate = b;
+    } else {
+        return tp_fail(err, TP_EINVAL,
+                       "--set %s: unknown key (liza.*: enabled, preset, order, alpha_gate, beta_gate, trick, linear, "
+                       "chunk_size, base_scale_attn; mag.*: mode, mu0, mu1, steps, values, period, learnable_shape, "
+                       "cross_gate, step)", key);
+    }
+    return TP_OK;
 }
 
 static int apply_set(dump_settings *s, const char *kv, tp_err *err) {
@@ -81,6 +174,8 @@ static int apply_set(dump_settings *s, const char *kv, tp_err *err) {
     } else if (!strcmp(key, "compute.recompute")) {
         if (parse_bool(v, &b)) return tp_fail(err, TP_EINVAL, "--set compute.recompute=%s: expected true or false", v);
         s->o.recompute = b;
+    } else if (!strncmp(key, "liza.", 5) || !strncmp(key, "mag.", 4)) {
+        return apply_liza_set(s, key, v, err);
     } else if (!strcmp(key, "seed")) {
         if (tp_cli_int(v, 0, 0x7fffffffffffffffLL, &n)) return tp_fail(err, TP_EINVAL, "--set seed=%s: expected a non-negative integer", v);
         s->o.seed = (uint64_t)n;
@@ -234,14 +329,41 @@ static cJSON *int_matrix(const int32_t *x, int64_t B, int64_t T) {
 }
 
 /* config.json of a checkpoint of this run (FORMATS.md names) */
-static char *run_config_json(const char *model_dir, const tp_model_config *mc, const tp_decoder_opts *o) {
+static char *run_config_json(const char *model_dir, const tp_model_config *mc, const tp_decoder_opts *o,
+                             tp_mm_backend used, int64_t step) {
     cJSON *c = cJSON_CreateObject();
     cJSON_AddStringToObject(c, "model_type", "tptt");
     cJSON_AddStringToObject(c, "base_model_name", model_dir);
     cJSON_AddStringToObject(c, "base_model_architecture", tp_arch_class(mc->arch));
-    cJSON_AddBoolToObject(c, "liza_enabled", 0);
+    static const char *const gates[] = {"c", "k", "v", "kv"}, *const tricks[] = {"dt", "rot", "rdt"};
+    static const char *const modes[] = {"constant", "gradual", "cyclic", "learnable"};
+    const tp_liza_opts *lo = &o->liza;
+    const tp_mag_opts *mg = &o->mag;
+    cJSON_AddBoolToObject(c, "liza_enabled", lo->enabled);
+    const char *preset = tp_liza_preset_name(lo);
+    if (preset) cJSON_AddStringToObject(c, "operator_mode", preset);
+    else cJSON_AddNullToObject(c, "operator_mode");
+    cJSON *rcfg = cJSON_AddObjectToObject(c, "recurrent_config");
+    cJSON_AddNumberToObject(rcfg, "order", lo->order);
+    cJSON_AddStringToObject(rcfg, "alpha_gate", gates[lo->alpha_gate]);
+    cJSON_AddStringToObject(rcfg, "beta_gate", gates[lo->beta_gate]);
+    cJSON_AddBoolToObject(rcfg, "linear", lo->linear);
+    cJSON_AddStringToObject(rcfg, "trick", tricks[lo->trick]);
+    cJSON_AddNumberToObject(c, "max_chunk_size", lo->chunk);
+    cJSON_AddBoolToObject(c, "base_scale_attn", lo->base_scale_attn);
+    cJSON_AddNumberToObject(c, "mag_weight", mg->mu0);
+    cJSON_AddBoolToObject(c, "cross_gate", mg->cross_gate);
+    cJSON_AddStringToObject(c, "mag_mode", modes[mg->mode]);
+    cJSON_AddNumberToObject(c, "mag_mu1", mg->mu1);
+    cJSON_AddNumberToObject(c, "mag_steps", (double)mg->steps);
+    cJSON *vals = cJSON_AddArrayToObject(c, "mag_values");
+    for (int i = 0; i < mg->nvalues; i++) cJSON_AddItemToArray(vals, cJSON_CreateNumber(mg->values[i]));
+    cJSON_AddNumberToObject(c, "mag_period", (double)mg->period);
+    cJSON_AddStringToObject(c, "mag_learnable_shape", mg->vector ? "vector" : "scalar");
+    cJSON_AddNumberToObject(c, "mag_step", (double)step);
+    cJSON_AddNumberToObject(c, "mag_mu", tp_mag_mu(mg, step));
     cJSON_AddStringToObject(c, "trainable", tp_trainable_name(o->trainable));
-    cJSON_AddStringToObject(c, "compute_matmul", tp_mm_backend_name(o->matmul));
+    cJSON_AddStringToObject(c, "compute_matmul", tp_mm_backend_name(used));
     cJSON_AddBoolToObject(c, "recompute", o->recompute);
     cJSON_AddNumberToObject(c, "seed", (double)o->seed);
     cJSON *l = cJSON_AddObjectToObject(c, "lora_config");
@@ -306,6 +428,7 @@ int tp_cmd_dump(int argc, char **argv) {
     dump_settings s;
     tp_decoder_opts_default(&s.o);
     s.matmul_auto = 1;
+    s.step = 0;
     tp_err err = {0};
     int ch;
     optind = 1;
@@ -345,6 +468,7 @@ int tp_cmd_dump(int argc, char **argv) {
         s.o.matmul = all_bf16 && cpu.avx512_bf16 ? TP_MM_BF16 : TP_MM_F32;
     }
     if (rc == TP_OK) rc = tp_decoder_create(hf, &s.o, &m, &err);
+    if (rc == TP_OK) tp_decoder_set_step(m, s.step);
     double loss_sum = 0;
     int64_t count = 0;
     if (rc == TP_OK) {
@@ -359,8 +483,13 @@ int tp_cmd_dump(int argc, char **argv) {
         }
     }
     size_t nparams = m ? tp_decoder_nparams(m) : 0;
+    /* what really ran: bf16 only if some frozen product went through oneDNN */
+    tp_mm_backend used = TP_MM_F32;
+    if (s.o.matmul == TP_MM_BF16 && hf)
+        for (size_t i = 0; i < hf->nweights; i++)
+            if (hf->views[i]->dtype == TP_BF16 && hf->desc[i].ndim == 2) used = TP_MM_BF16;
     if (rc == TP_OK) {
-        cfg_json = run_config_json(model, &hf->cfg, &s.o);
+        cfg_json = run_config_json(model, &hf->cfg, &s.o, used, s.step);
         rc = cfg_json ? write_dump(out, m, &bd, hf->cfg.vocab, logits, (float)(loss_sum / (double)count), cfg_json, &err)
                       : tp_fail(&err, TP_ENOMEM, "out of memory");
     }
@@ -371,6 +500,6 @@ int tp_cmd_dump(int argc, char **argv) {
     tp_hf_close(hf);
     if (rc) return tp_cli_error(err.msg);
     printf("wrote %s: loss %.6f over %lld tokens, %zu trainable tensors (%s matmul)\n", out, loss_sum / (double)count,
-           (long long)count, nparams, tp_mm_backend_name(s.o.matmul));
+           (long long)count, nparams, tp_mm_backend_name(used));
     return 0;
 }

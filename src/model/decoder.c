@@ -6,6 +6,8 @@
 #include <string.h>
 
 #include "kernels/attention.h"
+#include "kernels/liza.h"
+#include "kernels/liza_gates.h"
 #include "kernels/ops.h"
 #include "util/rng.h"
 
@@ -23,6 +25,68 @@ void tp_decoder_opts_default(tp_decoder_opts *o) {
     o->lora.alpha = 16;
     o->lora.targets = (1u << TP_MOD_Q) | (1u << TP_MOD_K) | (1u << TP_MOD_V) | (1u << TP_MOD_O);
     o->matmul = TP_MM_F32;
+    tp_liza_preset("delta_rule", &o->liza);
+    o->liza.chunk = 64;
+    o->mag.mode = TP_MAG_CONSTANT;
+    o->mag.mu0 = 0.5;
+    o->mag.mu1 = 1.0;
+    o->mag.steps = 1000;
+    o->mag.values[0] = 0.1;
+    o->mag.values[1] = 0.5;
+    o->mag.values[2] = 0.9;
+    o->mag.nvalues = 3;
+    o->mag.period = 100;
+}
+
+/* operator_mode presets of the Python TPTT package */
+static const struct {
+    const char *name;
+    int order, alpha, beta, linear, trick;
+} presets[] = {
+    {"delta_rule", 1, TP_GATE_C, TP_GATE_K, 1, TP_TRICK_DT},
+    {"gated_delta_rule", 1, TP_GATE_K, TP_GATE_K, 1, TP_TRICK_DT},
+    {"delta_rule_v", 1, TP_GATE_C, TP_GATE_V, 1, TP_TRICK_DT},
+    {"delta_rule_kv", 1, TP_GATE_C, TP_GATE_KV, 1, TP_TRICK_DT},
+    {"delta_rule_gelu", 1, TP_GATE_C, TP_GATE_K, 0, TP_TRICK_DT},
+    {"delta_product", 2, TP_GATE_C, TP_GATE_K, 1, TP_TRICK_DT},
+    {"gated_delta_product", 2, TP_GATE_K, TP_GATE_K, 1, TP_TRICK_DT},
+    {"delta_product_r", 2, TP_GATE_C, TP_GATE_K, 1, TP_TRICK_ROT},
+    {"delta_product_c", 2, TP_GATE_C, TP_GATE_K, 1, TP_TRICK_RDT},
+};
+
+int tp_liza_preset(const char *name, tp_liza_opts *o) {
+    for (size_t i = 0; i < sizeof presets / sizeof *presets; i++)
+        if (!strcmp(name, presets[i].name)) {
+            o->order = presets[i].order;
+            o->alpha_gate = presets[i].alpha;
+            o->beta_gate = presets[i].beta;
+            o->linear = presets[i].linear;
+            o->trick = presets[i].trick;
+            snprintf(o->preset, sizeof o->preset, "%s", name);
+            return 0;
+        }
+    return -1;
+}
+
+const char *tp_liza_preset_name(const tp_liza_opts *o) {
+    for (size_t i = 0; i < sizeof presets / sizeof *presets; i++)
+        if (o->order == presets[i].order && o->alpha_gate == presets[i].alpha && o->beta_gate == presets[i].beta &&
+            o->linear == presets[i].linear && o->trick == presets[i].trick)
+            return presets[i].name;
+    return NULL;
+}
+
+double tp_mag_mu(const tp_mag_opts *o, int64_t step) {
+    switch (o->mode) {
+    case TP_MAG_GRADUAL: {
+        double f = o->steps > 0 ? (double)(step < o->steps ? step : o->steps) / (double)o->steps : 1.0;
+        return o->mu0 + (o->mu1 - o->mu0) * f;
+    }
+    case TP_MAG_CYCLIC:
+        return o->nvalues > 0 ? o->values[(step / (o->period > 0 ? o->period : 1)) % o->nvalues] : o->mu0;
+    default:
+        return o->mu0;
+    }
 }
 
 const char *tp_trainable_name(tp_trainable t) {
@@ -66,12 +130,18 @@ typedef struct layer {
     lin m[TP_NMOD];
     const float *norm_in, *norm_post;
     float *dnorm_in, *dnorm_post;
+    float *mag_logit, *dmag; /* learnable MaG: [1] or [D] */
 } layer;
 
 /* Saved activations of one layer for one micro-batch. */
 typedef struct acts {
-    float *x_in, *a, *rstd1, *q, *k, *v, *qr, *kr, *att, *lse, *x_mid, *bn, *rstd2, *g, *u, *h;
-    float *xa[TP_NMOD]; /* x·Aᵀ of each LoRA module [N, r] */
+    float *x_in, *a, *rstd1, *q, *k, *v, *qr, *kr, *lse, *x_mid, *bn, *rstd2, *g, *u, *h;
+    float *att;  /* [2N, H*d]: softmax output, then the normalised linear output */
+    float *xa[TP_NMOD]; /* x·Aᵀ of each LoRA module [N, r] ([2N, r] for o_proj) */
+    /* LiZA */
+    float *qh, *kh, *vh, *beta, *la, *y, *rstd_y, *o2, *sc;
+    float *states;  /* chunk-entry states (own allocation, grows) */
+    size_t states_cap;
 } acts;
 
 struct tp_decoder {
@@ -98,6 +168,7 @@ struct tp_decoder {
     float *x_saved;        /* [L, N, D] layer inputs with recompute */
     float *x_res, *xf, *rstdf, *xL;
     float *d_res, *d_tmp, *d_q, *d_k, *d_v, *d_att, *d_g, *d_u, *d_h, *t_r, *xdrop, *tmp_o;
+    float *d_qh, *d_kh, *d_vh, *d_beta, *d_la, *d_y, *d_o2, *mu_tok;
     float *logit_blk, *rope_cos, *rope_sin;
     double *inv_freq;
 };
@@ -169,6 +240,12 @@ static int build_params(tp_decoder *m, tp_err *err) {
             }
         }
     }
+    if (m->o.liza.enabled && m->o.mag.mode == TP_MAG_LEARNABLE)
+        for (int64_t l = 0; l < m->cfg.layers; l++) {
+            char nm[TP_PARAM_NAME_MAX];
+            snprintf(nm, sizeof nm, "model.layers.%lld.self_attn.mag_logit", (long long)l);
+            if ((rc = add_param(m, &cap, nm, 1, m->o.mag.vector ? m->cfg.hidden : 1, 0, 0, 0, err))) return rc;
+        }
     m->theta = tp_calloc(m->numel ? m->numel : 1, sizeof(float), err);
     m->grad = tp_calloc(m->numel ? m->numel : 1, sizeof(float), err);
     return m->theta && m->grad ? TP_OK : TP_ENOMEM;
@@ -254,6 +331,16 @@ static int bind(tp_decoder *m, tp_err *err) {
         m->head = m->embed;
         m->dhead = m->dembed;
     }
+    for (int64_t l = 0; l < c->layers; l++) {
+        char nm[TP_PARAM_NAME_MAX];
+        snprintf(nm, sizeof nm, "model.layers.%lld.self_attn.mag_logit", (long long)l);
+        tp_param *p = find_param(m, nm, "");
+        if (!p) continue;
+        m->layers[l].mag_logit = m->theta + p->offset;
+        m->layers[l].dmag = m->grad + p->offset;
+        float logit = (float)log(m->o.mag.mu0 / (1.0 - m->o.mag.mu0));
+        for (size_t e = 0; e < p->numel; e++) m->layers[l].mag_logit[e] = logit;
+    }
     return TP_OK;
 }
 
@@ -263,6 +350,17 @@ int tp_decoder_create(const tp_hf_model *base, const tp_decoder_opts *o, tp_deco
         return tp_fail(err, TP_EINVAL, "lora.r must be between 1 and 65536, got %d", o->lora.r);
     if (!(o->lora.dropout >= 0 && o->lora.dropout < 1))
         return tp_fail(err, TP_EINVAL, "lora.dropout must be in [0, 1), got %g", o->lora.dropout);
+    if (o->liza.enabled) {
+        if (o->liza.order < 1 || o->liza.order > 8)
+            return tp_fail(err, TP_EINVAL, "liza.order must be between 1 and 8, got %d", o->liza.order);
+        if (o->liza.chunk < 1) return tp_fail(err, TP_EINVAL, "liza.chunk_size must be positive, got %d", o->liza.chunk);
+        if (base->cfg.head_dim > 512)
+            return tp_fail(err, TP_EUNSUP, "liza: head_dim %lld is larger than the supported 512",
+                           (long long)base->cfg.head_dim);
+        if (o->mag.mode == TP_MAG_LEARNABLE && !(o->mag.mu0 > 0 && o->mag.mu0 < 1))
+            return tp_fail(err, TP_EINVAL, "mag.mu0 must be strictly between 0 and 1 for mag.mode=learnable, got %g",
+                           o->mag.mu0);
+    }
     tp_decoder *m = tp_calloc(1, sizeof *m, err);
     if (!m) return TP_ENOMEM;
     m->base = base;
@@ -296,6 +394,8 @@ void tp_decoder_destroy(tp_decoder *m) {
     free(m->params);
     free(m->theta);
     free(m->grad);
+    if (m->A)
+        for (int64_t i = 0; i < (m->o.recompute ? 1 : m->cfg.layers); i++) free(m->A[i].states);
     free(m->arena);
     free(m->A);
     free(m->inv_freq);
@@ -308,17 +408,25 @@ static int ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err) {
     if (N <= m->cap_n && T <= m->cap_T) return TP_OK;
     const tp_model_config *c = &m->cfg;
     int64_t D = c->hidden, F = c->ffn, qd = c->heads * c->head_dim, kvd = c->kv_heads * c->head_dim;
-    int64_t L = c->layers, r = m->o.trainable == TP_TRAIN_LORA ? m->o.lora.r : 0, H = c->heads;
-    int64_t nsets = m->o.recompute ? 1 : L;
+    int64_t L = c->layers, r = m->o.trainable == TP_TRAIN_LORA ? m->o.lora.r : 0, H = c->heads, Hkv = c->kv_heads;
+    int64_t nsets = m->o.recompute ? 1 : L, lz = m->o.liza.enabled;
     int64_t maxin = F > D ? F : D;
+    if (maxin < qd) maxin = qd;
     int64_t blk = (16 << 20) / c->vocab; /* logits block: ~64 MB */
     if (blk < 1) blk = 1;
     if (blk > N) blk = N;
-    size_t per_set = (size_t)(N * (4 * D + 2 * qd + 2 * kvd + qd + kvd + qd + 3 * F) + 2 * N + H * N + TP_NMOD * N * r);
+    /* per set: the base layer, plus LiZA's feature maps, gates, output and
+     * the stacked o_proj input/output */
+    size_t per_set = (size_t)(N * (4 * D + 2 * qd + 2 * kvd + 2 * qd + kvd + 3 * F) + 2 * N + H * N +
+                              TP_NMOD * N * r + N * r + N * qd) +
+                     (size_t)(lz * N * (2 * qd + 3 * kvd + Hkv + 1 + 2 * D + 1));
     size_t total = per_set * (size_t)nsets + (size_t)(m->o.recompute ? L * N * D : 0) +
-                   (size_t)(N * (4 * D + 1)) + /* x_res, xf, xL, rstdf, tmp_o */
-                   (size_t)(N * (2 * D + 2 * qd + 2 * kvd + 3 * F + r + maxin)) + (size_t)(blk * c->vocab) +
+                   (size_t)(N * (4 * D + 1)) + /* x_res, xf, xL, rstdf, tmp_o (2N) */ (size_t)(N * D) +
+                   (size_t)(N * (2 * D + 3 * qd + 2 * kvd + 3 * F + 2 * r + 2 * maxin + 2 * D)) +
+                   (size_t)(lz * N * (2 * qd + 3 * kvd + Hkv + 1)) + (size_t)(blk * c->vocab) +
                    (size_t)(T * c->head_dim) + 64 * 64;
+    if (m->A)
+        for (int64_t i = 0; i < (m->o.recompute ? 1 : L); i++) free(m->A[i].states);
     free(m->arena);
     free(m->A);
     m->arena = malloc(total * sizeof(float));
@@ -337,19 +445,32 @@ static int ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err) {
     for (int64_t s = 0; s < nsets; s++) {
         acts *a = &m->A[s];
         TAKE(a->x_in, N * D); TAKE(a->a, N * D); TAKE(a->rstd1, N); TAKE(a->q, N * qd); TAKE(a->k, N * kvd);
-        TAKE(a->v, N * kvd); TAKE(a->qr, N * qd); TAKE(a->kr, N * kvd); TAKE(a->att, N * qd); TAKE(a->lse, H * N);
-        TAKE(a->x_mid, N * D); TAKE(a->bn, N * D); TAKE(a->rstd2, N); TAKE(a->g, N * F); TAKE(a->u, N * F);
-        TAKE(a->h, N * F);
-        for (int j = 0; j < TP_NMOD; j++) TAKE(a->xa[j], N * r);
+        TAKE(a->v, N * kvd); TAKE(a->qr, N * qd); TAKE(a->kr, N * kvd); TAKE(a->att, 2 * N * qd);
+        TAKE(a->lse, H * N); TAKE(a->x_mid, N * D); TAKE(a->bn, N * D); TAKE(a->rstd2, N); TAKE(a->g, N * F);
+        TAKE(a->u, N * F); TAKE(a->h, N * F);
+        for (int j = 0; j < TP_NMOD; j++) TAKE(a->xa[j], (j == TP_MOD_O ? 2 : 1) * N * r);
+        if (lz) {
+            TAKE(a->qh, N * qd); TAKE(a->kh, N * kvd); TAKE(a->vh, N * kvd); TAKE(a->beta, N * kvd);
+            TAKE(a->la, N * Hkv); TAKE(a->y, N * qd); TAKE(a->rstd_y, N); TAKE(a->o2, 2 * N * D); TAKE(a->sc, N);
+        }
     }
     m->x_saved = NULL;
     if (m->o.recompute) TAKE(m->x_saved, L * N * D);
-    TAKE(m->x_res, N * D); TAKE(m->xf, N * D); TAKE(m->xL, N * D); TAKE(m->rstdf, N); TAKE(m->tmp_o, N * D);
-    TAKE(m->d_res, N * D); TAKE(m->d_tmp, N * D); TAKE(m->d_q, N * qd); TAKE(m->d_att, N * qd);
+    TAKE(m->x_res, N * D); TAKE(m->xf, N * D); TAKE(m->xL, N * D); TAKE(m->rstdf, N); TAKE(m->tmp_o, 2 * N * D);
+    TAKE(m->d_res, N * D); TAKE(m->d_tmp, N * D); TAKE(m->d_q, N * qd); TAKE(m->d_att, 2 * N * qd);
     TAKE(m->d_k, N * kvd); TAKE(m->d_v, N * kvd); TAKE(m->d_g, N * F); TAKE(m->d_u, N * F); TAKE(m->d_h, N * F);
-    TAKE(m->t_r, N * r); TAKE(m->xdrop, N * maxin); TAKE(m->logit_blk, blk * c->vocab);
+    TAKE(m->t_r, 2 * N * r); TAKE(m->xdrop, 2 * N * maxin); TAKE(m->d_o2, 2 * N * D);
+    if (lz) {
+        TAKE(m->d_qh, N * qd); TAKE(m->d_kh, N * kvd); TAKE(m->d_vh, N * kvd); TAKE(m->d_beta, N * kvd);
+        TAKE(m->d_la, N * Hkv); TAKE(m->d_y, N * qd); TAKE(m->mu_tok, N);
+    }
+    TAKE(m->logit_blk, blk * c->vocab);
     TAKE(m->rope_cos, T * c->head_dim / 2); TAKE(m->rope_sin, T * c->head_dim / 2);
 #undef TAKE
+    if ((size_t)(p - m->arena) > total) { /* a sizing bug must never write past the arena */
+        fprintf(stderr, "tptt: internal error: activation arena overflow\n");
+        abort();
+    }
     m->cap_n = N;
     m->cap_T = T;
     return TP_OK;
@@ -429,11 +550,34 @@ static int lin_bwd(tp_decoder *m, int l, int j, const float *x, const float *xa,
 
 /* ---- one layer --------------------------------------------------------- */
 
+/* μ of layer l for this step: a schedule value, or σ(logit) (scalar or per
+ * channel: mu_vec != NULL then). */
+static double layer_mu(const tp_decoder *m, int l, const float **mu_logit) {
+    *mu_logit = NULL;
+    if (m->o.mag.mode == TP_MAG_LEARNABLE) {
+        *mu_logit = m->layers[l].mag_logit;
+        return 1.0 / (1.0 + exp(-(double)m->layers[l].mag_logit[0]));
+    }
+    return tp_mag_mu(&m->o.mag, m->step);
+}
+
+/* The softmax branch is skipped when μ = 1 exactly, with no cross gate and
+ * no base_scale_attn (the pure-linear model). */
+static int need_softmax(const tp_decoder *m, int l) {
+    if (!m->o.liza.enabled) return 1;
+    const float *lg;
+    double mu = layer_mu(m, l, &lg);
+    return lg || mu != 1.0 || m->o.mag.cross_gate || m->o.liza.base_scale_attn;
+}
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
 static int layer_fwd(tp_decoder *m, int l, acts *A, float *x, const tp_batch *b, tp_err *err) {
     const tp_model_config *c = &m->cfg;
     layer *Ly = &m->layers[l];
     int64_t N = b->B * b->T, D = c->hidden, F = c->ffn, d = c->head_dim;
     int64_t qd = c->heads * d, kvd = c->kv_heads * d;
+    int lz = m->o.liza.enabled, soft = need_softmax(m, l);
     int rc;
     memcpy(A->x_in, x, (size_t)(N * D) * sizeof(float));
     tp_rmsnorm_fwd(A->a, A->rstd1, x, Ly->norm_in, N, D, (float)c->rms_eps);
@@ -441,15 +585,71 @@ static int layer_fwd(tp_decoder *m, int l, acts *A, float *x, const tp_batch *b,
         (rc = lin_fwd(m, l, TP_MOD_K, A->a, N, A->k, A->xa[TP_MOD_K], err)) ||
         (rc = lin_fwd(m, l, TP_MOD_V, A->a, N, A->v, A->xa[TP_MOD_V], err)))
         return rc;
-    /* softmax branch: RoPE on copies; q, k stay pre-RoPE for the linear branch */
-    memcpy(A->qr, A->q, (size_t)(N * qd) * sizeof(float));
-    memcpy(A->kr, A->k, (size_t)(N * kvd) * sizeof(float));
-    tp_rope_apply(A->qr, N, c->heads, d, b->pos, m->rope_cos, m->rope_sin, 0);
-    tp_rope_apply(A->kr, N, c->kv_heads, d, b->pos, m->rope_cos, m->rope_sin, 0);
-    tp_attn_dims ad = {b->B, b->T, c->heads, c->kv_heads, d, c->sliding_window};
-    if ((rc = tp_attn_fwd(&ad, A->qr, A->kr, A->v, b->doc_start, A->att, A->lse, err))) return rc;
-    if ((rc = lin_fwd(m, l, TP_MOD_O, A->att, N, m->tmp_o, A->xa[TP_MOD_O], err))) return rc;
-    tp_add(x, m->tmp_o, N * D);
+    if (soft) { /* softmax branch: RoPE on copies; q, k stay pre-RoPE for LiZA */
+        memcpy(A->qr, A->q, (size_t)(N * qd) * sizeof(float));
+        memcpy(A->kr, A->k, (size_t)(N * kvd) * sizeof(float));
+        tp_rope_apply(A->qr, N, c->heads, d, b->pos, m->rope_cos, m->rope_sin, 0);
+        tp_rope_apply(A->kr, N, c->kv_heads, d, b->pos, m->rope_cos, m->rope_sin, 0);
+        tp_attn_dims ad = {b->B, b->T, c->heads, c->kv_heads, d, c->sliding_window};
+        if ((rc = tp_attn_fwd(&ad, A->qr, A->kr, A->v, b->doc_start, A->att, A->lse, err))) return rc;
+    }
+    /* o_proj input: [softmax output; normalised LiZA output] stacked, so one
+     * product (and one LoRA) serves both branches */
+    float *oin = A->att + (soft ? 0 : N * qd);
+    int64_t orows = (soft ? N : 0) + (lz ? N : 0);
+    if (lz) {
+        const tp_liza_opts *lo = &m->o.liza;
+        tp_gate_dims gd = {b->B, b->T, c->heads, c->kv_heads, d, lo->beta_gate, lo->alpha_gate};
+        tp_liza_gates_fwd(&gd, A->q, A->k, A->v, b->doc_start, A->qh, A->kh, A->vh, A->beta, A->la);
+        tp_liza_dims ld = {b->B, b->T, c->heads, c->kv_heads, d};
+        tp_liza_cfg lc = {lo->order, lo->trick, lo->linear, lo->chunk};
+        size_t ns = tp_liza_state_count(&ld, &lc, b->doc_start) * (size_t)(d * d);
+        if (ns > A->states_cap) {
+            float *np = realloc(A->states, ns * sizeof(float));
+            if (!np) return tp_fail(err, TP_ENOMEM, "liza: out of memory for %zu chunk states", ns / (size_t)(d * d));
+            A->states = np;
+            A->states_cap = ns;
+        }
+        if ((rc = tp_liza_fwd(&ld, &lc, A->qh, A->kh, A->vh, A->beta, lo->alpha_gate == TP_GATE_C ? NULL : A->la,
+                              b->doc_start, A->y, A->states, err)))
+            return rc;
+        /* RMS normalisation without weight over the H·d features */
+        float *yn = A->att + N * qd;
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++) {
+            double ss = 0;
+            for (int64_t e = 0; e < qd; e++) ss += (double)A->y[t * qd + e] * A->y[t * qd + e];
+            float r = (float)(1.0 / sqrt(ss / (double)qd + 1e-6));
+            A->rstd_y[t] = r;
+            for (int64_t e = 0; e < qd; e++) yn[t * qd + e] = A->y[t * qd + e] * r;
+        }
+    }
+    float *o2 = lz ? A->o2 : m->tmp_o;
+    if ((rc = lin_fwd(m, l, TP_MOD_O, oin, orows, o2, A->xa[TP_MOD_O], err))) return rc;
+    if (!lz) {
+        tp_add(x, o2, N * D);
+    } else {
+        const float *ob = soft ? o2 : NULL, *ol = o2 + (soft ? N * D : 0), *lg;
+        double mus = layer_mu(m, l, &lg);
+        int vec = lg && m->o.mag.vector, cross = m->o.mag.cross_gate, bs = m->o.liza.base_scale_attn;
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++) {
+            float sc = 1.0f;
+            if (bs) {
+                double ss = 0;
+                for (int64_t e = 0; e < D; e++) ss += (double)ob[t * D + e] * ob[t * D + e];
+                sc = (float)sqrt(ss / (double)D + 1e-5);
+                A->sc[t] = sc;
+            }
+            for (int64_t e = 0; e < D; e++) {
+                float mu = vec ? sigmoidf(lg[e]) : (float)mus;
+                float lo = sc * ol[t * D + e];
+                if (!ob) { x[t * D + e] += lo; continue; }
+                float a = (1 - mu) * ob[t * D + e], bl = mu * lo;
+                x[t * D + e] += a + bl + (cross ? a * bl : 0.0f);
+            }
+        }
+    }
     memcpy(A->x_mid, x, (size_t)(N * D) * sizeof(float));
     tp_rmsnorm_fwd(A->bn, A->rstd2, x, Ly->norm_post, N, D, (float)c->rms_eps);
     if ((rc = lin_fwd(m, l, TP_MOD_GATE, A->bn, N, A->g, A->xa[TP_MOD_GATE], err)) ||
@@ -461,11 +661,66 @@ static int layer_fwd(tp_decoder *m, int l, acts *A, float *x, const tp_batch *b,
     return TP_OK;
 }
 
+/* Backward of the MaG mix: from dx (= d o_attn) fill d_o2 (stacked d o_base,
+ * d o_lin0) and the MaG logit gradient. */
+static void mag_bwd(tp_decoder *m, int l, acts *A, const float *dx, int64_t N, int soft) {
+    int64_t D = m->cfg.hidden;
+    const float *ob = soft ? A->o2 : NULL, *ol = A->o2 + (soft ? N * D : 0), *lg;
+    float *dob = soft ? m->d_o2 : NULL, *dol = m->d_o2 + (soft ? N * D : 0);
+    double mus = layer_mu(m, l, &lg);
+    int vec = lg && m->o.mag.vector, cross = m->o.mag.cross_gate, bs = m->o.liza.base_scale_attn;
+    float *dmu_tok = m->mu_tok; /* per-token dμ (scalar μ), summed in order below */
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        float sc = bs ? A->sc[t] : 1.0f;
+        double dmu = 0, dsc = 0;
+        for (int64_t e = 0; e < D; e++) {
+            float g = dx[t * D + e], lo0 = ol[t * D + e];
+            if (!ob) { dol[t * D + e] = g; continue; }
+            float mu = vec ? sigmoidf(lg[e]) : (float)mus, lo = sc * lo0, o = ob[t * D + e];
+            float a = (1 - mu) * o, bl = mu * lo;
+            float da = g * (1 + (cross ? bl : 0.0f)), db = g * (1 + (cross ? a : 0.0f));
+            dob[t * D + e] = (1 - mu) * da;
+            float dlo = mu * db;
+            dol[t * D + e] = sc * dlo;
+            dsc += (double)dlo * lo0;
+            if (!vec) dmu += -(double)o * da + (double)lo * db;
+        }
+        if (ob && bs) { /* sc = sqrt(mean(o_base²) + 1e-5) */
+            float f = (float)(dsc / ((double)D * sc));
+            for (int64_t e = 0; e < D; e++) dob[t * D + e] += f * ob[t * D + e];
+        }
+        dmu_tok[t] = (float)dmu;
+    }
+    if (!lg || !ob) return;
+    float *dm = m->layers[l].dmag;
+    if (!vec) {
+        double s = 0;
+        for (int64_t t = 0; t < N; t++) s += dmu_tok[t];
+        dm[0] += (float)(s * mus * (1 - mus));
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < D; e++) { /* per channel, tokens in order */
+        float mu = sigmoidf(lg[e]);
+        double s = 0;
+        for (int64_t t = 0; t < N; t++) {
+            float sc = bs ? A->sc[t] : 1.0f, g = dx[t * D + e], o = ob[t * D + e], lo = sc * ol[t * D + e];
+            float a = (1 - mu) * o, bl = mu * lo;
+            float da = g * (1 + (cross ? bl : 0.0f)), db = g * (1 + (cross ? a : 0.0f));
+            s += -(double)o * da + (double)lo * db;
+        }
+        dm[e] += (float)(s * mu * (1 - mu));
+    }
+}
+
 /* dx: gradient w.r.t. the layer output on entry, w.r.t. its input on exit. */
 static int layer_bwd(tp_decoder *m, int l, acts *A, float *dx, const tp_batch *b, tp_err *err) {
     const tp_model_config *c = &m->cfg;
     layer *Ly = &m->layers[l];
     int64_t N = b->B * b->T, D = c->hidden, F = c->ffn, d = c->head_dim;
+    int64_t qd = c->heads * d, kvd = c->kv_heads * d;
+    int lz = m->o.liza.enabled, soft = need_softmax(m, l);
     int rc;
     /* MLP */
     if ((rc = lin_bwd(m, l, TP_MOD_DOWN, A->h, A->xa[TP_MOD_DOWN], N, dx, m->d_h, 0, err))) return rc;
@@ -474,13 +729,47 @@ static int layer_bwd(tp_decoder *m, int l, acts *A, float *dx, const tp_batch *b
         (rc = lin_bwd(m, l, TP_MOD_UP, A->bn, A->xa[TP_MOD_UP], N, m->d_u, m->d_tmp, 1, err)))
         return rc;
     tp_rmsnorm_bwd(dx, Ly->dnorm_post, m->d_tmp, A->x_mid, Ly->norm_post, A->rstd2, N, D, 1);
-    /* attention */
-    if ((rc = lin_bwd(m, l, TP_MOD_O, A->att, A->xa[TP_MOD_O], N, dx, m->d_att, 0, err))) return rc;
-    tp_attn_dims ad = {b->B, b->T, c->heads, c->kv_heads, d, c->sliding_window};
-    if ((rc = tp_attn_bwd(&ad, A->qr, A->kr, A->v, b->doc_start, A->att, A->lse, m->d_att, m->d_q, m->d_k, m->d_v, err)))
-        return rc;
-    tp_rope_apply(m->d_q, N, c->heads, d, b->pos, m->rope_cos, m->rope_sin, 1);
-    tp_rope_apply(m->d_k, N, c->kv_heads, d, b->pos, m->rope_cos, m->rope_sin, 1);
+    /* attention block: MaG, then the shared o_proj over the stacked inputs */
+    const float *oin = A->att + (soft ? 0 : N * qd), *dy_o = dx;
+    int64_t orows = (soft ? N : 0) + (lz ? N : 0);
+    if (lz) {
+        mag_bwd(m, l, A, dx, N, soft);
+        dy_o = m->d_o2;
+    }
+    float *d_oin = m->d_att + (soft ? 0 : N * qd);
+    if ((rc = lin_bwd(m, l, TP_MOD_O, oin, A->xa[TP_MOD_O], orows, dy_o, d_oin, 0, err))) return rc;
+    if (soft) {
+        tp_attn_dims ad = {b->B, b->T, c->heads, c->kv_heads, d, c->sliding_window};
+        if ((rc = tp_attn_bwd(&ad, A->qr, A->kr, A->v, b->doc_start, A->att, A->lse, m->d_att, m->d_q, m->d_k,
+                              m->d_v, err)))
+            return rc;
+        tp_rope_apply(m->d_q, N, c->heads, d, b->pos, m->rope_cos, m->rope_sin, 1);
+        tp_rope_apply(m->d_k, N, c->kv_heads, d, b->pos, m->rope_cos, m->rope_sin, 1);
+    } else {
+        memset(m->d_q, 0, (size_t)(N * qd) * sizeof(float));
+        memset(m->d_k, 0, (size_t)(N * kvd) * sizeof(float));
+        memset(m->d_v, 0, (size_t)(N * kvd) * sizeof(float));
+    }
+    if (lz) {
+        const tp_liza_opts *lo = &m->o.liza;
+        const float *yn = A->att + N * qd, *dyn = m->d_att + N * qd;
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++) { /* through y / sqrt(mean(y²) + 1e-6) */
+            double dot = 0;
+            for (int64_t e = 0; e < qd; e++) dot += (double)dyn[t * qd + e] * yn[t * qd + e];
+            float mean = (float)(dot / (double)qd), r = A->rstd_y[t];
+            for (int64_t e = 0; e < qd; e++) m->d_y[t * qd + e] = r * (dyn[t * qd + e] - yn[t * qd + e] * mean);
+        }
+        tp_liza_dims ld = {b->B, b->T, c->heads, c->kv_heads, d};
+        tp_liza_cfg lc = {lo->order, lo->trick, lo->linear, lo->chunk};
+        int decay = lo->alpha_gate != TP_GATE_C;
+        if ((rc = tp_liza_bwd(&ld, &lc, A->qh, A->kh, A->vh, A->beta, decay ? A->la : NULL, b->doc_start, A->states,
+                              m->d_y, m->d_qh, m->d_kh, m->d_vh, m->d_beta, m->d_la, err)))
+            return rc;
+        tp_gate_dims gd = {b->B, b->T, c->heads, c->kv_heads, d, lo->beta_gate, lo->alpha_gate};
+        tp_liza_gates_bwd(&gd, A->q, A->k, A->v, b->doc_start, m->d_qh, m->d_kh, m->d_vh, m->d_beta, m->d_la, m->d_q,
+                          m->d_k, m->d_v);
+    }
     if ((rc = lin_bwd(m, l, TP_MOD_Q, A->a, A->xa[TP_MOD_Q], N, m->d_q, m->d_tmp, 0, err)) ||
         (rc = lin_bwd(m, l, TP_MOD_K, A->a, A->xa[TP_MOD_K], N, m->d_k, m->d_tmp, 1, err)) ||
         (rc = lin_bwd(m, l, TP_MOD_V, A->a, A->xa[TP_MOD_V], N, m->d_v, m->d_tmp, 1, err)))

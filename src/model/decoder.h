@@ -40,9 +40,45 @@ typedef struct tp_lora_opts {
     int init_random;  /* B ~ U(-1/sqrt(r), 1/sqrt(r)) instead of 0 (tests) */
 } tp_lora_opts;
 
+/* LiZA linear-attention branch (LIZA.md section 2). */
+typedef struct tp_liza_opts {
+    int enabled;
+    int order;      /* n_h */
+    int trick;      /* TP_TRICK_* (kernels/liza.h) */
+    int linear;     /* 0: φ on the state between chunks */
+    int chunk;      /* C, real tokens */
+    int beta_gate;  /* TP_GATE_* (kernels/liza_gates.h) */
+    int alpha_gate;
+    int base_scale_attn;
+    char preset[32]; /* operator_mode name, "" when fields differ from every preset */
+} tp_liza_opts;
+
+/* MaG mixing (LIZA.md section 3). */
+enum { TP_MAG_CONSTANT = 0, TP_MAG_GRADUAL = 1, TP_MAG_CYCLIC = 2, TP_MAG_LEARNABLE = 3 };
+#define TP_MAG_MAX_VALUES 32
+typedef struct tp_mag_opts {
+    int mode;
+    double mu0, mu1;  /* constant value / schedule start; gradual end */
+    int64_t steps;    /* gradual: steps from mu0 to mu1 */
+    double values[TP_MAG_MAX_VALUES];
+    int nvalues;      /* cyclic */
+    int64_t period;   /* cyclic: steps per value */
+    int vector;       /* learnable: one logit per channel instead of per layer */
+    int cross_gate;
+} tp_mag_opts;
+
+/* Fill the five recurrent fields from an operator_mode name; -1 if unknown. */
+int tp_liza_preset(const char *name, tp_liza_opts *o);
+/* Name of the preset matching o's fields, or NULL. */
+const char *tp_liza_preset_name(const tp_liza_opts *o);
+/* μ of a schedule at a training step (learnable: σ(logit) at init). */
+double tp_mag_mu(const tp_mag_opts *o, int64_t step);
+
 typedef struct tp_decoder_opts {
     tp_trainable trainable;
     tp_lora_opts lora;
+    tp_liza_opts liza;
+    tp_mag_opts mag;
     tp_mm_backend matmul;
     int recompute;
     uint64_t seed;

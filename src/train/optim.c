@@ -17,38 +17,76 @@ int tp_adamw_cfg_validate(const tp_adamw_cfg *c, tp_err *err) {
     return TP_OK;
 }
 
-void tp_adamw_update(const tp_adamw_cfg *c, int64_t step, float lr, float weight_decay, float *param,
-                     const float *grad, float *m, float *v, size_t n) {
-    /* torch computes these in Python double; its CPU kernels then cast each
-     * scalar operand to float (mul_, add_ alpha, addcmul_ value, div_, add_,
-     * addcdiv_ value). */
-    const double lrd = lr, wdd = weight_decay;
-    const float decay = (float)(1.0 - lrd * wdd);
-    const float b1 = (float)c->beta1, omb1 = (float)(1.0 - c->beta1);
-    const float b2 = (float)c->beta2, omb2 = (float)(1.0 - c->beta2);
-    const float eps = (float)c->eps;
-    const double bc1 = 1.0 - pow(c->beta1, (double)step);
-    const double bc2 = 1.0 - pow(c->beta2, (double)step);
-    const float neg_step_size = (float)(-(lrd / bc1));
-    const float bc2_sqrt = (float)sqrt(bc2);
+/* The scalars of one update, as torch forms them: in Python double, then
+ * cast to float by each CPU kernel that takes a scalar operand (mul_, add_'s
+ * alpha, addcmul_'s value, div_, add_, addcdiv_'s value). */
+typedef struct adamw_scalars {
+    float decay, b1, omb1, b2, omb2, eps, neg_step_size, bc2_sqrt;
+} adamw_scalars;
 
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
-    for (size_t i = 0; i < n; i++) {
+/* The update of param[lo..hi), in torch's operation order. Inlined into a
+ * generic and an FMA-enabled kernel: fmaf is exact in both, so they give the
+ * same bits; the second only avoids libm's slow software fmaf. */
+static inline __attribute__((always_inline)) void adamw_range(const adamw_scalars *k, float *param,
+                                                             const float *grad, float *m, float *v,
+                                                             size_t lo, size_t hi) {
+    for (size_t i = lo; i < hi; i++) {
         const float g = grad[i];
         /* param.mul_(1 - lr*wd) */
-        float p = param[i] * decay;
+        const float p = param[i] * k->decay;
         /* exp_avg.mul_(b1).add_(g, alpha=1-b1): add_ is vec::fmadd */
-        const float mi = fmaf(g, omb1, m[i] * b1);
-        /* exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2): GCC contracts
-         * self + (value*t1)*t2 into fma(value*t1, t2, self) in torch's build */
-        const float vi = fmaf(omb2 * g, g, v[i] * b2);
+        const float mi = fmaf(g, k->omb1, m[i] * k->b1);
+        /* exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2): torch's build
+         * contracts self + (value*t1)*t2 into fma(value*t1, t2, self) */
+        const float vi = fmaf(k->omb2 * g, g, v[i] * k->b2);
         /* denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps) */
-        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        const float denom = sqrtf(vi) / k->bc2_sqrt + k->eps;
         /* param.addcdiv_(exp_avg, denom, value=-step_size) */
-        p = p + (neg_step_size * mi) / denom;
-        param[i] = p;
+        param[i] = p + (k->neg_step_size * mi) / denom;
         m[i] = mi;
         v[i] = vi;
+    }
+}
+
+static void adamw_generic(const adamw_scalars *k, float *param, const float *grad, float *m, float *v,
+                          size_t lo, size_t hi) {
+    adamw_range(k, param, grad, m, v, lo, hi);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_FMA_KERNEL 1
+__attribute__((target("fma"))) static void adamw_fma(const adamw_scalars *k, float *param, const float *grad,
+                                                     float *m, float *v, size_t lo, size_t hi) {
+    adamw_range(k, param, grad, m, v, lo, hi);
+}
+#endif
+
+/* Elements per parallel work item of tp_adamw_update. */
+#define ADAMW_CHUNK 8192
+
+void tp_adamw_update(const tp_adamw_cfg *c, int64_t step, double lr, double weight_decay, float *param,
+                     const float *grad, float *m, float *v, size_t n) {
+    const double bc1 = 1.0 - pow(c->beta1, (double)step);
+    const double bc2 = 1.0 - pow(c->beta2, (double)step);
+    const adamw_scalars k = {
+        .decay = (float)(1.0 - lr * weight_decay),
+        .b1 = (float)c->beta1,
+        .omb1 = (float)(1.0 - c->beta1),
+        .b2 = (float)c->beta2,
+        .omb2 = (float)(1.0 - c->beta2),
+        .eps = (float)c->eps,
+        .neg_step_size = (float)(-(lr / bc1)),
+        .bc2_sqrt = (float)sqrt(bc2),
+    };
+    void (*kernel)(const adamw_scalars *, float *, const float *, float *, float *, size_t, size_t) = adamw_generic;
+#ifdef HAVE_FMA_KERNEL
+    if (__builtin_cpu_supports("fma")) kernel = adamw_fma;
+#endif
+    const size_t nchunks = (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
+    for (size_t j = 0; j < nchunks; j++) {
+        const size_t lo = j * ADAMW_CHUNK, hi = lo + ADAMW_CHUNK < n ? lo + ADAMW_CHUNK : n;
+        kernel(&k, param, grad, m, v, lo, hi);
     }
 }
 

@@ -53,14 +53,14 @@ int tp_adamw_cfg_validate(const tp_adamw_cfg *c, tp_err *err);
  * grad is read only. lr and weight_decay are those of this parameter group
  * (weight_decay 0 for norms/biases).
  *
- * Rounding follows torch 1.13's CPU kernels operation by operation: scalars
- * are formed in double and rounded to float once, m and v use a fused
- * multiply-add as torch's AVX2 kernels do, the rest is float arithmetic in
- * torch's order. With the same float32 lr and weight decay the trajectories
- * agree bit for bit with torch on AVX2/AVX-512 machines (see
- * tests/test_optim_torch.py). torch keeps lr in double; here it is float,
- * which changes the scalars by at most 2^-24 relative. */
-void tp_adamw_update(const tp_adamw_cfg *c, int64_t step, float lr, float weight_decay, float *param,
+ * lr and weight_decay are doubles because torch keeps them as Python floats
+ * (a float argument converts without loss). Rounding follows torch 1.13's CPU
+ * kernels operation by operation: scalars are formed in double and rounded to
+ * float once, m and v use a fused multiply-add as torch's AVX2 kernels do
+ * (fmaf: exact everywhere, inline where the CPU has FMA), the rest is float
+ * arithmetic in torch's order. The trajectories agree with torch bit for bit
+ * (tests/test_optim_torch.py, torch 1.13 with AVX2 kernels). */
+void tp_adamw_update(const tp_adamw_cfg *c, int64_t step, double lr, double weight_decay, float *param,
                      const float *grad, float *m, float *v, size_t n);
 
 /* ---- gradient clipping ------------------------------------------------- */
@@ -112,7 +112,7 @@ typedef struct tp_lr_schedule {
     int kind; /* TP_LR_COSINE, TP_LR_LINEAR, TP_LR_CONSTANT */
 } tp_lr_schedule;
 
-/* Learning rate of the update that turns step into step + 1 (step 0-based:
+/* Learning rate of the update that turns step into step + 1 (step >= 0:
  * the first update uses tp_lr_at(s, 0), which is 0 when warmup_steps > 0, as
  * with transformers' LambdaLR). */
 double tp_lr_at(const tp_lr_schedule *s, int64_t step);

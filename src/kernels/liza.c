@@ -1,0 +1,68 @@
+#include "kernels/liza.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+double tp_liza_dt_coef(int m, int i) {
+    double binom = 1;
+    for (int j = 0; j < i; j++) binom = binom * (m - j) / (j + 1);
+    return ldexp(i % 2 ? -binom : binom, -m);
+}
+
+size_t tp_liza_state_count(const tp_liza_dims *s, const tp_liza_cfg *c, const int32_t *doc_start) {
+    size_t n = 0;
+    for (int64_t b = 0; b < s->B; b++) {
+        const int32_t *ds = doc_start + b * s->T;
+        for (int64_t t = 0; t < s->T;) {
+            int64_t e = t + 1;
+            while (e < s->T && ds[e] == ds[t]) e++;
+            n += (size_t)((e - t + c->chunk - 1) / c->chunk);
+            t = e;
+        }
+    }
+    return n * (size_t)s->Hkv;
+}
+
+/* row-major helpers over cblas; trans flags 0/1 */
+static void gemm_f(int ta, int tb, int64_t m, int64_t n, int64_t k, float al, const float *a, int64_t lda,
+                   const float *b, int64_t ldb, float be, float *c, int64_t ldc) {
+    if (m <= 0 || n <= 0) return;
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)m, (int)n,
+                (int)k, al, a, (int)lda, b, (int)ldb, be, c, (int)ldc);
+}
+static void gemm_d(int ta, int tb, int64_t m, int64_t n, int64_t k, double al, const double *a, int64_t lda,
+                   const double *b, int64_t ldb, double be, double *c, int64_t ldc) {
+    if (m <= 0 || n <= 0) return;
+    cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)m, (int)n,
+                (int)k, al, a, (int)lda, b, (int)ldb, be, c, (int)ldc);
+}
+/* Solve (I + L) X = B (trans = 0) or (I + L)ᵀ X = B (trans = 1) in place;
+ * L strictly lower, unit diagonal implied. */
+static void trsm_f(int trans, int64_t m, int64_t n, const float *L, int64_t ldl, float *b, int64_t ldb) {
+    cblas_strsm(CblasRowMajor, CblasLeft, CblasLower, trans ? CblasTrans : CblasNoTrans, CblasUnit, (int)m, (int)n,
+                1.0f, L, (int)ldl, b, (int)ldb);
+}
+static void trsm_d(int trans, int64_t m, int64_t n, const double *L, int64_t ldl, double *b, int64_t ldb) {
+    cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, trans ? CblasTrans : CblasNoTrans, CblasUnit, (int)m, (int)n,
+                1.0, L, (int)ldl, b, (int)ldb);
+}
+
+#define REAL float
+#define SFX(x) x##_f32
+#define GEMM gemm_f
+#define TRSM trsm_f
+#define tp_liza_fwd_f32 tp_liza_fwd
+#define tp_liza_bwd_f32 tp_liza_bwd
+#include "kernels/liza_impl.h"
+#undef REAL
+#undef SFX
+#undef GEMM
+#undef TRSM
+
+#define REAL double
+#define SFX(x) x##_f64
+#define GEMM gemm_d
+#define TRSM trsm_d
+#include "kernels/liza_impl.h"
