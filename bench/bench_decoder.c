@@ -119,7 +119,7 @@ int main(int argc, char **argv) {
         lab[t] = t + 1 < seq ? (int32_t)(((t + 1) * 7) % c.vocab) : -100;
         pos[t] = (int32_t)t;
     }
-    tp_batch b = {1, seq, ids, lab, ds, pos};
+    tp_batch b = {1, seq, ids, lab, ds, pos, NULL};
     printf("\nLlama-3.2-1B-shaped stack: %d layers, seq %lld, LoRA r=8 on q,k,v,o; dense GFLOP per step %.1f\n", layers,
            (long long)seq, dense / 1e9);
     printf("%-8s %10s %12s %12s %14s %10s %14s\n", "backend", "s/step", "tokens/s", "GFLOP/s", "raw GEMM GF/s", "ratio",

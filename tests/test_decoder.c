@@ -57,7 +57,7 @@ static void make_batch(tp_batch *b) {
         labels[i] = (t == T_ - 1 || dstart[i + 1] == t + 1) ? -100 : ids[i + 1];
     }
     labels[3] = -100; /* an explicitly ignored position */
-    *b = (tp_batch){B_, T_, ids, labels, dstart, pos};
+    *b = (tp_batch){B_, T_, ids, labels, dstart, pos, NULL};
 }
 
 static double loss_of(tp_decoder *m, const tp_batch *b) {

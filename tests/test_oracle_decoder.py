@@ -16,6 +16,20 @@ Also checked: the dump's metadata (settings, batch after defaults, default
 labels), its key set per trainable mode, that full trainable weights equal the
 model's values and that LoRA init follows docs/dump.md.
 
+LiZA + MaG cases (LIZA_CASES, LIZA.md sections 2, 3): every liza.preset,
+order 3 with each trick, decay on/off, every alpha/beta gate, linear: false
+with small C and T not a multiple of C (C 3/4/5/8, T 13/21/40), 3 documents
+per row, GQA (kv 1, 2) and MHA, learnable MaG scalar and vector (lora, all,
+projections; gradients of mag_logit compared), gradual (mid, past the end) and
+cyclic schedules, additive and cross gate, base_scale_attn, the pure-linear
+model (mu0 = 1, no cross gate), recompute, every architecture. Checked on top:
+the metadata's liza/mag fields (recurrent_config = the preset table with the
+overrides, operator_mode, max_chunk_size, mag_mu = the schedule at mag_step,
+...), the mag_logit init logit(mu0), and sensitivity: switching LiZA off
+(= mag.mu0=0) and each LiZA feature in use (document resets, phi, decay,
+order, trick, beta gate, pooling, cross gate, base_scale_attn) must move the
+logits by > 100x the tolerance. Same f32 tolerances.
+
 If `tptt dump` does not exist the test FAILS (it is not skipped).
 Environment: TPTT (binary). Prints one line per case and
 "test_oracle_decoder: N passed, N failed"; exit status 1 on any failure.
@@ -134,6 +148,116 @@ CASES = [
          batch=dict(B=2, T=16, doc_starts=PACKED)),
 ]
 
+# ------------------------------------------------------------------- LiZA + MaG
+# LIZA.md sections 2, 3 and docs/dump.md "LiZA semantics fixed here"; all with
+# compute.matmul=f32 and the f32 tolerances. With a binary that does not know
+# the liza.* / mag.* settings they FAIL cleanly (one line each), not crash.
+LR4 = {"lora.init": "random", "lora.r": 4, "lora.alpha": 8}
+DOCS13 = [[0, 5, 9], [0, 9, 11]]        # T = 13: documents of 5,4,4 and 9,2,2 tokens
+DOCS21 = [[0, 6, 15], [0, 4, 13]]       # T = 21: 6,9,6 and 4,9,8
+
+
+def liza(preset=None, **kw):
+    d = {"liza.enabled": "true"}
+    if preset:
+        d["liza.preset"] = preset
+    d.update({k.replace("__", "."): v for k, v in kw.items()})
+    return d
+
+
+LIZA_CASES = [
+    # ------------------------------------------------ every preset (defaults otherwise: C 64, mu 0.5 constant)
+    dict(name="liza_llama_delta_rule", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("delta_rule")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_mistral_w4_delta_rule_v", model=dict(arch="mistral", window=4),
+         sets=dict(LR4, **liza("delta_rule_v")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_qwen2_delta_rule_kv_labels", model=dict(arch="qwen2"),
+         sets=dict(LR4, **liza("delta_rule_kv")), batch=dict(B=2, T=16, doc_starts=PACKED, labels=True)),
+    dict(name="liza_llama_delta_rule_gelu_C4_T13", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("delta_rule_gelu", liza__chunk_size=4)), batch=dict(B=2, T=13, doc_starts=DOCS13)),
+    dict(name="liza_qwen2_kv1_gated_delta_rule", model=dict(arch="qwen2", kv_heads=1),
+         sets=dict(LR4, **liza("gated_delta_rule")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_llama_mha_delta_product", model=dict(arch="llama", kv_heads=4),
+         sets=dict(LR4, **liza("delta_product")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_mistral_w6_gated_delta_product", model=dict(arch="mistral", window=6),
+         sets=dict(LR4, **liza("gated_delta_product")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_qwen2_hd12_delta_product_r", model=dict(arch="qwen2", head_dim=12),
+         sets=dict(LR4, **liza("delta_product_r")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_llama_tied_delta_product_c", model=dict(arch="llama", tie=True),
+         sets=dict(LR4, **liza("delta_product_c")), batch=dict(B=2, T=16, doc_starts=PACKED)),
+    # ------------------------------------------------ order 3, every trick, decay on/off, small C, T % C != 0
+    dict(name="liza_llama_order3_dt_decay_C4_T21", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("gated_delta_product", liza__order=3, liza__chunk_size=4)),
+         batch=dict(B=2, T=21, doc_starts=DOCS21)),
+    dict(name="liza_mistral_order3_rot_nodecay_C4_T13", model=dict(arch="mistral", window=5),
+         sets=dict(LR4, **liza("delta_product_r", liza__order=3, liza__chunk_size=4)),
+         batch=dict(B=2, T=13, doc_starts=DOCS13)),
+    dict(name="liza_qwen2_order3_rdt_kv_gelu_C4_T21", model=dict(arch="qwen2"),
+         sets=dict(LR4, **liza("delta_product_c", liza__order=3, liza__alpha_gate="kv", liza__linear="false",
+                               liza__chunk_size=4)),
+         batch=dict(B=2, T=21, doc_starts=DOCS21)),
+    dict(name="liza_llama_order3_dt_gelu_C5_T21", model=dict(arch="llama", kv_heads=1),
+         sets=dict(LR4, **liza(None, liza__order=3, liza__linear="false", liza__chunk_size=5)),
+         batch=dict(B=2, T=21, doc_starts=DOCS21)),
+    dict(name="liza_llama_alpha_v_beta_c", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("delta_rule", liza__alpha_gate="v", liza__beta_gate="c")),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_mistral_alpha_kv_beta_v_order2_gelu_C3", model=dict(arch="mistral", window=4),
+         sets=dict(LR4, **liza("gated_delta_product", liza__alpha_gate="kv", liza__beta_gate="v",
+                               liza__linear="false", liza__chunk_size=3)),
+         batch=dict(B=2, T=13, doc_starts=DOCS13)),
+    # ------------------------------------------------ MaG
+    dict(name="liza_llama_mag_learnable_scalar", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("gated_delta_rule", mag__mode="learnable", mag__mu0=0.3)),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_qwen2_mag_learnable_vector_all", model=dict(arch="qwen2"),
+         sets=dict(trainable="all", **liza("delta_product", mag__mode="learnable", mag__learnable_shape="vector",
+                                           mag__mu0=0.6)),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_mistral_mag_vector_projections_cross", model=dict(arch="mistral", window=4),
+         sets=dict(trainable="projections", **liza("gated_delta_rule", mag__mode="learnable",
+                                                   mag__learnable_shape="vector", mag__mu0=0.4, mag__cross_gate="true")),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_llama_mag_gradual_mid", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("delta_product", mag__mode="gradual", mag__mu0=0.1, mag__mu1=0.9, mag__steps=200,
+                               mag__step=75)),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_mistral_w3_mag_gradual_past_end", model=dict(arch="mistral", window=3),
+         sets=dict(LR4, **liza("delta_rule", mag__mode="gradual", mag__mu0=0.9, mag__mu1=0.35, mag__steps=10,
+                               mag__step=25)),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_qwen2_mag_cyclic", model=dict(arch="qwen2"),
+         sets=dict(LR4, **liza("gated_delta_product", mag__mode="cyclic", mag__values="0.2,0.7,0.35",
+                               mag__period=7, mag__step=16)),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_llama_cross_gate", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("delta_product", mag__mu0=0.4, mag__cross_gate="true")),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_mistral_base_scale_attn", model=dict(arch="mistral", window=4),
+         sets=dict(LR4, **liza("gated_delta_rule", liza__base_scale_attn="true")),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_qwen2_cross_base_scale_gelu_C4", model=dict(arch="qwen2", head_dim=6),
+         sets=dict(LR4, **liza("delta_rule_gelu", liza__chunk_size=4, liza__base_scale_attn="true",
+                               mag__cross_gate="true", mag__mu0=0.7)),
+         batch=dict(B=2, T=13, doc_starts=DOCS13)),
+    # ------------------------------------------------ pure linear: mu = 1, no cross gate
+    dict(name="liza_llama_pure_linear_gated_product", model=dict(arch="llama"),
+         sets=dict(LR4, **liza("gated_delta_product", mag__mu0=1)),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_qwen2_pure_linear_gelu_C4_T21", model=dict(arch="qwen2", kv_heads=1),
+         sets=dict(LR4, **liza("delta_rule_gelu", liza__chunk_size=4, mag__mode="constant", mag__mu0="1.0")),
+         batch=dict(B=2, T=21, doc_starts=DOCS21)),
+    # ------------------------------------------------ LoRA on the MLP too, recompute, long llama3 rows
+    dict(name="liza_llama_recompute_mlp_lora", model=dict(arch="llama"),
+         sets=dict(LR4, **{"lora.target_modules": MLP_TARGETS, "compute.recompute": "true"},
+                   **liza("gated_delta_product", liza__linear="false", liza__chunk_size=4, mag__cross_gate="true")),
+         batch=dict(B=2, T=16, doc_starts=PACKED)),
+    dict(name="liza_llama3_rope_T40_C8", model=dict(arch="llama", heads=2, kv_heads=1, rope_scaling=LLAMA3),
+         sets=dict(LR4, **liza("delta_product_c", liza__linear="false", liza__chunk_size=8, liza__alpha_gate="k")),
+         batch=dict(B=2, T=40, doc_starts=[[0], [0, 7, 30]])),
+]
+CASES = CASES + LIZA_CASES
+
 
 def init_args(m, out):
     args = ["init-model", "--arch", m["arch"], "--layers", str(m["layers"]), "--hidden", str(m["hidden"]),
@@ -170,9 +294,12 @@ def make_batch(case, V, rng):
     return batch
 
 
-def expected_keys(cfg, trainable, targets):
-    """(required parameter keys, optional parameter keys) for a trainable mode."""
+def expected_keys(cfg, trainable, targets, mag_learnable=False):
+    """(required parameter keys, optional parameter keys) for a trainable mode
+    (+ the per-layer MaG logits in learnable mode, trained in every mode)."""
     req, opt = set(), set()
+    if mag_learnable:
+        req |= {O.mag_logit_key(l) for l in range(cfg.L)}
     shapes = O.hf_tensor_shapes(cfg)
     if trainable == "lora":
         for l in range(cfg.L):
@@ -193,6 +320,91 @@ def expected_keys(cfg, trainable, targets):
                 mod = O.module_name(l, m)
                 opt |= {O.PREFIX + mod + ".lora_A.weight", O.PREFIX + mod + ".lora_B.weight"}
     return req, opt
+
+
+# --------------------------------------------------------------------- LiZA metadata
+
+LIZA_FIELDS = ("order", "alpha_gate", "beta_gate", "linear", "trick")
+
+
+def want_liza_config(sets):
+    """(LizaConfig the settings ask for, preset name, whether the five preset fields were changed), or None."""
+    if sets.get("liza.enabled", "false") != "true":
+        return None
+    preset = sets.get("liza.preset", "delta_rule")
+    rc = dict(O.PRESETS[preset])
+    for f in LIZA_FIELDS:
+        if "liza." + f in sets:
+            v = sets["liza." + f]
+            rc[f] = int(v) if f == "order" else (str(v) == "true") if f == "linear" else str(v)
+    kw = dict(rc, chunk=int(sets.get("liza.chunk_size", 64)),
+              base_scale_attn=sets.get("liza.base_scale_attn", "false") == "true",
+              cross_gate=sets.get("mag.cross_gate", "false") == "true", mag_mode=sets.get("mag.mode", "constant"),
+              mu0=float(sets.get("mag.mu0", 0.5)), mu1=float(sets.get("mag.mu1", 1.0)),
+              steps=int(sets.get("mag.steps", 1000)), values=sets.get("mag.values", "0.1,0.5,0.9"),
+              period=int(sets.get("mag.period", 100)), learnable_shape=sets.get("mag.learnable_shape", "scalar"),
+              step=int(sets.get("mag.step", 0)))
+    return O.LizaConfig(**kw), preset, rc != O.PRESETS[preset]
+
+
+def check_liza_meta(name, sets, conf, cfg):
+    """The liza/mag fields of the metadata config (docs/dump.md); returns the wanted LizaConfig or None."""
+    w = want_liza_config(sets)
+    if w is None:
+        check(not conf.get("liza_enabled", False), "%s: liza_enabled %r without liza.enabled" % (name, conf.get("liza_enabled")))
+        return None
+    lz, preset, changed = w
+    close = lambda a, b: a is not None and abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    check(conf.get("liza_enabled") is True, "%s: liza_enabled %r" % (name, conf.get("liza_enabled")))
+    rc = conf.get("recurrent_config") or {}
+    want_rc = {f: getattr(lz, f) for f in LIZA_FIELDS}
+    check(rc == want_rc and isinstance(rc.get("linear"), bool),
+          "%s: recurrent_config %s want %s" % (name, rc, want_rc))
+    ok_modes = ({None} | {p for p, f in O.PRESETS.items() if f == want_rc}) if changed else {preset}
+    check(conf.get("operator_mode", "absent") in ok_modes,
+          "%s: operator_mode %r want one of %s" % (name, conf.get("operator_mode", "absent"), sorted(ok_modes, key=str)))
+    check(conf.get("max_chunk_size") == lz.chunk, "%s: max_chunk_size %r want %d" % (name, conf.get("max_chunk_size"), lz.chunk))
+    check(conf.get("base_scale_attn") is lz.base_scale_attn, "%s: base_scale_attn %r" % (name, conf.get("base_scale_attn")))
+    check(conf.get("cross_gate") is lz.cross_gate, "%s: cross_gate %r" % (name, conf.get("cross_gate")))
+    check(conf.get("mag_mode") == lz.mag_mode, "%s: mag_mode %r want %s" % (name, conf.get("mag_mode"), lz.mag_mode))
+    check(close(conf.get("mag_weight"), lz.mu0), "%s: mag_weight %r want %g" % (name, conf.get("mag_weight"), lz.mu0))
+    check(close(conf.get("mag_mu"), lz.mu()), "%s: mag_mu %r want %g (the schedule at step %d)"
+          % (name, conf.get("mag_mu"), lz.mu(), lz.step))
+    check(conf.get("mag_step") == lz.step, "%s: mag_step %r" % (name, conf.get("mag_step")))
+    check(conf.get("mag_learnable_shape") == lz.learnable_shape, "%s: mag_learnable_shape %r" % (name, conf.get("mag_learnable_shape")))
+    check(close(conf.get("mag_mu1"), lz.mu1) and conf.get("mag_steps") == lz.steps and conf.get("mag_period") == lz.period,
+          "%s: mag_mu1/steps/period %r %r %r" % (name, conf.get("mag_mu1"), conf.get("mag_steps"), conf.get("mag_period")))
+    try:
+        vals = O._as_values(conf.get("mag_values"))
+    except (TypeError, ValueError):
+        vals = None
+    check(vals is not None and len(vals) == len(lz.values) and all(close(a, b) for a, b in zip(vals, lz.values)),
+          "%s: mag_values %r want %s" % (name, conf.get("mag_values"), lz.values))
+    return lz
+
+
+def liza_ablations(lz, doc_starts):
+    """Oracle ablations a LiZA case must be sensitive to (see oracle.run_case)."""
+    ab = ["liza"]
+    if any(len(ds) > 1 for ds in doc_starts):
+        ab.append("liza_docs")
+    if not lz.linear:
+        ab.append("phi")
+    if lz.alpha_gate != "c":
+        ab.append("decay")
+    if lz.order > 1:
+        ab.append("order")
+        if lz.trick != "dt":
+            ab.append("trick")
+    if lz.beta_gate != "c":
+        ab.append("beta")
+    if lz.beta_gate != "c" or lz.alpha_gate != "c":
+        ab.append("pool")
+    if lz.cross_gate:
+        ab.append("cross_gate")
+    if lz.base_scale_attn:
+        ab.append("base_scale")
+    return ab
 
 
 def fmt_classes(rows):
@@ -283,8 +495,11 @@ def run_case(case, tmp, totals):
     check(mbatch.get("doc_starts") == want_ds, "%s: metadata doc_starts %s want %s" % (name, mbatch.get("doc_starts"), want_ds))
     check(mbatch.get("labels") == want_labels, "%s: metadata labels %s want %s" % (name, mbatch.get("labels"), want_labels))
 
+    # ---- LiZA / MaG settings in the metadata
+    want_liza = check_liza_meta(name, sets, conf, cfg)
+
     # ---- key set, dtypes, shapes, trainable values
-    req, opt = expected_keys(cfg, trainable, targets)
+    req, opt = expected_keys(cfg, trainable, targets, want_liza is not None and want_liza.mag_mode == "learnable")
     params = {k for k in dump if k not in ("logits", "loss") and not k.endswith(".grad")}
     check(req <= params and params <= req | opt,
           "%s: trainable keys: missing %s, unexpected %s" % (name, sorted(req - params), sorted(params - req - opt)))
@@ -297,7 +512,13 @@ def run_case(case, tmp, totals):
     check(dump.get("loss", np.zeros(0)).shape == (), "%s: loss shape" % name)
     for k in sorted(params):
         cls = O.tensor_class(k)
-        if cls in ("lora_A", "lora_B"):
+        if cls == "mag_logit":
+            # docs/dump.md: initialised to logit(mu0), [1] or [D]
+            shape = (1,) if want_liza.learnable_shape == "scalar" else (cfg.D,)
+            a = dump[k].astype(np.float64)
+            check(a.shape == shape and np.all(np.abs(a - O.logit(want_liza.mu0)) <= 1e-6 * max(1.0, abs(O.logit(want_liza.mu0)))),
+                  "%s: %s shape %s value %s, want %s filled with logit(%g)" % (name, k, a.shape, a.ravel()[:4], shape, want_liza.mu0))
+        elif cls in ("lora_A", "lora_B"):
             short = k.split(".")[-3]
             fin, fout = O.lora_in_out(cfg, short)
             want_shape = (r, fin) if cls == "lora_A" else (fout, r)
@@ -352,11 +573,16 @@ def run_case(case, tmp, totals):
         ablations.append("gqa")
     if name in ("llama_gqa_lora", "qwen2_hd6_r2_lora", "mistral_hd16_kv1_window5_projections"):
         ablations.append("rope_pairs")
+    if want_liza is not None:
+        ablations += liza_ablations(want_liza, want_ds)
+        if want_liza.pure_linear():  # the softmax branch has no effect, so these cannot be tested here
+            ablations = [a for a in ablations if a not in ("window", "rope_scaling", "gqa", "rope_pairs")]
     sens = []
     for ab in ablations if matmul == "f32" else []:
-        alt = O.run_case(mdir, out, ablate=(ab,))
+        alt = O.run_case(mdir, out, ablate=(ab,), grads=False)
         e = O.max_rel(dump["logits"], alt["logits"])
         sens.append("%s %.0e" % (ab, e))
+        # ("liza" is the same model with mag.mu0=0: the mix must matter far beyond the tolerance)
         ok &= check(e > 100 * tg, "%s: switching off %s in the oracle changes the logits by only %.3g: "
                     "the case does not test it" % (name, ab, e))
     worst, text = fmt_classes(rows)
@@ -381,7 +607,11 @@ def main():
     totals = {}
     try:
         for case in CASES:
+            counted = sum(totals.get("cases", [0, 0]))
             run_case(case, tmp, totals)
+            if sum(totals.get("cases", [0, 0])) == counted:  # stopped early: a failure was reported
+                print("FAIL %-38s (stopped before the comparison)" % case["name"])
+                totals.setdefault("cases", [0, 0])[1] += 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     c = totals.get("cases", [0, 0])

@@ -6,6 +6,9 @@
 int tp_cmd_init_model(int argc, char **argv);
 int tp_cmd_inspect(int argc, char **argv);
 int tp_cmd_dump(int argc, char **argv);
+int tp_cmd_make_shard(int argc, char **argv);
+int tp_cmd_train(int argc, char **argv);
+int tp_cmd_plot(int argc, char **argv);
 
 /* Print "tptt: <msg>" to stderr and return 1. */
 int tp_cli_error(const char *msg);

@@ -12,6 +12,7 @@
 #include "kernels/liza.h"
 #include "kernels/liza_gates.h"
 #include "model/decoder.h"
+#include "model/run_json.h"
 #include "util/fsutil.h"
 #include "util/platform.h"
 
@@ -328,59 +329,6 @@ static cJSON *int_matrix(const int32_t *x, int64_t B, int64_t T) {
     return a;
 }
 
-/* config.json of a checkpoint of this run (FORMATS.md names) */
-static char *run_config_json(const char *model_dir, const tp_model_config *mc, const tp_decoder_opts *o,
-                             tp_mm_backend used, int64_t step) {
-    cJSON *c = cJSON_CreateObject();
-    cJSON_AddStringToObject(c, "model_type", "tptt");
-    cJSON_AddStringToObject(c, "base_model_name", model_dir);
-    cJSON_AddStringToObject(c, "base_model_architecture", tp_arch_class(mc->arch));
-    static const char *const gates[] = {"c", "k", "v", "kv"}, *const tricks[] = {"dt", "rot", "rdt"};
-    static const char *const modes[] = {"constant", "gradual", "cyclic", "learnable"};
-    const tp_liza_opts *lo = &o->liza;
-    const tp_mag_opts *mg = &o->mag;
-    cJSON_AddBoolToObject(c, "liza_enabled", lo->enabled);
-    const char *preset = tp_liza_preset_name(lo);
-    if (preset) cJSON_AddStringToObject(c, "operator_mode", preset);
-    else cJSON_AddNullToObject(c, "operator_mode");
-    cJSON *rcfg = cJSON_AddObjectToObject(c, "recurrent_config");
-    cJSON_AddNumberToObject(rcfg, "order", lo->order);
-    cJSON_AddStringToObject(rcfg, "alpha_gate", gates[lo->alpha_gate]);
-    cJSON_AddStringToObject(rcfg, "beta_gate", gates[lo->beta_gate]);
-    cJSON_AddBoolToObject(rcfg, "linear", lo->linear);
-    cJSON_AddStringToObject(rcfg, "trick", tricks[lo->trick]);
-    cJSON_AddNumberToObject(c, "max_chunk_size", lo->chunk);
-    cJSON_AddBoolToObject(c, "base_scale_attn", lo->base_scale_attn);
-    cJSON_AddNumberToObject(c, "mag_weight", mg->mu0);
-    cJSON_AddBoolToObject(c, "cross_gate", mg->cross_gate);
-    cJSON_AddStringToObject(c, "mag_mode", modes[mg->mode]);
-    cJSON_AddNumberToObject(c, "mag_mu1", mg->mu1);
-    cJSON_AddNumberToObject(c, "mag_steps", (double)mg->steps);
-    cJSON *vals = cJSON_AddArrayToObject(c, "mag_values");
-    for (int i = 0; i < mg->nvalues; i++) cJSON_AddItemToArray(vals, cJSON_CreateNumber(mg->values[i]));
-    cJSON_AddNumberToObject(c, "mag_period", (double)mg->period);
-    cJSON_AddStringToObject(c, "mag_learnable_shape", mg->vector ? "vector" : "scalar");
-    cJSON_AddNumberToObject(c, "mag_step", (double)step);
-    cJSON_AddNumberToObject(c, "mag_mu", tp_mag_mu(mg, step));
-    cJSON_AddStringToObject(c, "trainable", tp_trainable_name(o->trainable));
-    cJSON_AddStringToObject(c, "compute_matmul", tp_mm_backend_name(used));
-    cJSON_AddBoolToObject(c, "recompute", o->recompute);
-    cJSON_AddNumberToObject(c, "seed", (double)o->seed);
-    cJSON *l = cJSON_AddObjectToObject(c, "lora_config");
-    cJSON_AddStringToObject(l, "peft_type", "LORA");
-    cJSON_AddNumberToObject(l, "r", o->lora.r);
-    cJSON_AddNumberToObject(l, "lora_alpha", o->lora.alpha);
-    cJSON_AddNumberToObject(l, "lora_dropout", o->lora.dropout);
-    cJSON *t = cJSON_AddArrayToObject(l, "target_modules");
-    for (int j = 0; j < TP_NMOD; j++)
-        if ((o->lora.targets >> j) & 1) cJSON_AddItemToArray(t, cJSON_CreateString(tp_module_names[j]));
-    cJSON_AddBoolToObject(l, "use_rslora", o->lora.rslora);
-    cJSON_AddStringToObject(l, "init", o->lora.init_random ? "random" : "default");
-    char *s = cJSON_PrintUnformatted(c);
-    cJSON_Delete(c);
-    return s;
-}
-
 static int write_dump(const char *out, tp_decoder *m, const batch_data *bd, int64_t V, const float *logits,
                       float loss, const char *cfg_json, tp_err *err) {
     size_t np = tp_decoder_nparams(m), n = 2 + 2 * np;
@@ -478,7 +426,7 @@ int tp_cmd_dump(int argc, char **argv) {
         logits = rc ? NULL : tp_malloc((size_t)(bd.B * bd.T * hf->cfg.vocab) * sizeof(float), &err);
         if (rc == TP_OK && !logits) rc = TP_ENOMEM;
         if (rc == TP_OK) {
-            tp_batch b = {bd.B, bd.T, bd.ids, bd.labels, bd.doc_start, bd.pos};
+            tp_batch b = {bd.B, bd.T, bd.ids, bd.labels, bd.doc_start, bd.pos, NULL};
             rc = tp_decoder_step(m, &b, (double)cnt, 1, logits, &loss_sum, &count, &err);
         }
     }
@@ -489,7 +437,7 @@ int tp_cmd_dump(int argc, char **argv) {
         for (size_t i = 0; i < hf->nweights; i++)
             if (hf->views[i]->dtype == TP_BF16 && hf->desc[i].ndim == 2) used = TP_MM_BF16;
     if (rc == TP_OK) {
-        cfg_json = run_config_json(model, &hf->cfg, &s.o, used, s.step);
+        cfg_json = tp_run_config_json(model, &hf->cfg, &s.o, used, s.step);
         rc = cfg_json ? write_dump(out, m, &bd, hf->cfg.vocab, logits, (float)(loss_sum / (double)count), cfg_json, &err)
                       : tp_fail(&err, TP_ENOMEM, "out of memory");
     }

@@ -19,6 +19,9 @@ static void usage(FILE *fp) {
             "  init-model   write a Hugging Face-layout model with seeded random weights\n"
             "  inspect      describe a model directory and the memory one rank needs to train it\n"
             "  dump         one forward+backward on a batch, written out for numerical checks\n"
+            "  make-shard   build a token shard from raw bytes or JSONL ids (tests, demos); --info FILE\n"
+            "  train        fine-tune with LiZA + MaG + LoRA (run under mpirun for several ranks)\n"
+            "  plot         draw loss and learning rate from metrics.jsonl (gnuplot)\n"
             "  version      print the version and the numeric libraries in use\n"
             "\n"
             "Run 'tptt <command> --help' for a command's options. Documentation: docs/.\n");
@@ -49,6 +52,9 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "init-model")) return tp_cmd_init_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "inspect")) return tp_cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "dump")) return tp_cmd_dump(argc - 1, argv + 1);
+    if (!strcmp(cmd, "make-shard")) return tp_cmd_make_shard(argc - 1, argv + 1);
+    if (!strcmp(cmd, "train")) return tp_cmd_train(argc - 1, argv + 1);
+    if (!strcmp(cmd, "plot")) return tp_cmd_plot(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         char buf[512];
         tp_platform_describe(buf, sizeof buf);

@@ -49,7 +49,13 @@ static void trsm_d(int trans, int64_t m, int64_t n, const double *L, int64_t ldl
                 1.0, L, (int)ldl, b, (int)ldb);
 }
 
+/* e^x of a non-positive log-decay difference; exp(0) = 1 exactly, so chunks
+ * without decay cost no exponentials beyond a compare */
+static inline float expr_f(float x) { return x == 0.0f ? 1.0f : expf(x); }
+static inline double expr_d(double x) { return x == 0.0 ? 1.0 : exp(x); }
+
 #define REAL float
+#define EXPR expr_f
 #define SFX(x) x##_f32
 #define GEMM gemm_f
 #define TRSM trsm_f
@@ -61,7 +67,9 @@ static void trsm_d(int trans, int64_t m, int64_t n, const double *L, int64_t ldl
 #undef GEMM
 #undef TRSM
 
+#undef EXPR
 #define REAL double
+#define EXPR expr_d
 #define SFX(x) x##_f64
 #define GEMM gemm_d
 #define TRSM trsm_d

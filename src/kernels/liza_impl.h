@@ -110,7 +110,7 @@ static void SFX(build)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg *c,
     for (int64_t i = 0; i < cv; i++) {
         acc += w->g[i];
         w->gam[i] = acc;
-        w->Gam[i] = (REAL)exp((double)acc);
+        w->Gam[i] = EXPR(acc);
     }
 }
 
@@ -124,7 +124,7 @@ static void SFX(chunk_fwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
     GEMM(0, 1, cv, cv, d, 1, w->Ktv, d, w->Kv, d, 0, w->Lm, cv);
     for (int64_t i = 0; i < cv; i++)
         for (int64_t j = 0; j < cv; j++)
-            w->Lm[i * cv + j] = j < i ? w->Lm[i * cv + j] * (REAL)exp((double)(gam[i] - gam[j])) : 0;
+            w->Lm[i * cv + j] = j < i ? w->Lm[i * cv + j] * EXPR(gam[i] - gam[j]) : 0;
     /* W = (I+L)^-1 diag(Γ) K̃, U = (I+L)^-1 Ṽ by forward substitution */
     for (int64_t i = 0; i < cv; i++)
         for (int64_t e = 0; e < d; e++) {
@@ -145,7 +145,7 @@ static void SFX(chunk_fwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
             for (int64_t r = 0; r < cr; r++) {
                 int64_t i = r * n + n - 1;
                 for (int64_t j = 0; j < cv; j++)
-                    w->P[r * cv + j] = j <= i ? w->P[r * cv + j] * (REAL)exp((double)(gam[i] - gam[j])) : 0;
+                    w->P[r * cv + j] = j <= i ? w->P[r * cv + j] * EXPR(gam[i] - gam[j]) : 0;
             }
             GEMM(0, 0, cr, d, cv, 1, w->P, cv, w->Vn, d, 0, yh, ldq);
             for (int64_t r = 0; r < cr; r++) {
@@ -155,9 +155,9 @@ static void SFX(chunk_fwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
         }
     }
     /* S' = e^G S + Kᵀ diag(e^{G-γ}) Vn */
-    REAL Gl = gam[cv - 1], eG = (REAL)exp((double)Gl);
+    REAL Gl = gam[cv - 1], eG = EXPR(Gl);
     for (int64_t i = 0; i < cv; i++) {
-        w->wexp[i] = (REAL)exp((double)(Gl - gam[i]));
+        w->wexp[i] = EXPR(Gl - gam[i]);
         for (int64_t e = 0; e < d; e++) w->tmp[i * d + e] = w->wexp[i] * w->Vn[i * d + e];
     }
     for (int64_t e = 0; e < d * d; e++) w->Sn[e] = eG * w->S[e];
@@ -262,7 +262,7 @@ static void SFX(chunk_bwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
                            int64_t kvh, int64_t s, int64_t t0) {
     int64_t d = sd->d, cv = w->cv, cr = w->cr, n = c->order, g = sd->H / sd->Hkv, ldq = sd->H * d;
     int64_t ld = sd->Hkv * d;
-    REAL *gam = w->gam, *dgam = w->dgam, Gl = gam[cv - 1], eG = (REAL)exp((double)Gl);
+    REAL *gam = w->gam, *dgam = w->dgam, Gl = gam[cv - 1], eG = EXPR(Gl);
     /* S' = e^G S + Kᵀ diag(e^{G-γ}) Vn */
     GEMM(0, 0, cv, d, d, 1, w->Kv, d, w->dSp, d, 0, w->dVn, d); /* K dS' */
     GEMM(0, 1, cv, d, d, 1, w->Vn, d, w->dSp, d, 0, w->dK, d);  /* Vn dS'ᵀ */
@@ -293,7 +293,7 @@ static void SFX(chunk_bwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
             double rs = 0;
             for (int64_t j = 0; j < cv; j++) {
                 if (j > i) { w->P[r * cv + j] = 0; w->dP[r * cv + j] = 0; continue; }
-                REAL D = (REAL)exp((double)(gam[i] - gam[j]));
+                REAL D = EXPR(gam[i] - gam[j]);
                 w->P[r * cv + j] *= D;
                 REAL cc = w->dP[r * cv + j] * w->P[r * cv + j];
                 rs += cc;
@@ -340,7 +340,7 @@ static void SFX(chunk_bwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
             REAL dl = w->M2[i * cv + j], cc = dl * w->Lm[i * cv + j];
             rs += cc;
             dgam[j] -= cc;
-            w->M2[i * cv + j] = dl * (REAL)exp((double)(gam[i] - gam[j]));
+            w->M2[i * cv + j] = dl * EXPR(gam[i] - gam[j]);
         }
         dgam[i] += (REAL)rs;
     }

@@ -171,7 +171,16 @@ struct tp_decoder {
     float *d_qh, *d_kh, *d_vh, *d_beta, *d_la, *d_y, *d_o2, *mu_tok;
     float *logit_blk, *rope_cos, *rope_sin;
     double *inv_freq;
+    tp_grad_hook hook;
+    void *hook_ctx;
+    const tp_batch *cur; /* the batch of the running step (dropout masks) */
 };
+
+void tp_decoder_set_grad_hook(tp_decoder *m, tp_grad_hook hook, void *ctx) {
+    m->hook = hook;
+    m->hook_ctx = ctx;
+}
+const tp_decoder_opts *tp_decoder_options(const tp_decoder *m) { return &m->o; }
 
 size_t tp_decoder_nparams(const tp_decoder *m) { return m->nparams; }
 const tp_param *tp_decoder_param(const tp_decoder *m, size_t i) { return i < m->nparams ? &m->params[i] : NULL; }
@@ -206,6 +215,9 @@ static int add_param(tp_decoder *m, size_t *cap, const char *name, int ndim, int
     p->offset = m->numel;
     p->decay = decay;
     p->is_lora = is_lora;
+    int l;
+    if (sscanf(name, "model.layers.%d.", &l) == 1) p->layer = l;
+    else p->layer = !strcmp(name, "model.embed_tokens.weight") ? -1 : (int)m->cfg.layers;
     m->numel += (p->numel + 15) & ~(size_t)15; /* 64-byte aligned starts */
     return TP_OK;
 }
@@ -487,18 +499,30 @@ static uint64_t mix64(uint64_t z) {
 /* The LoRA input: x, or its dropout, with a mask that is a pure function of
  * (seed, step, layer, module, element) so backward and recomputation see the
  * same mask. */
-static void dropout_mask(const tp_decoder *m, int l, int j, const float *x, float *out, int64_t count) {
+/* Rows of x are tokens of the current batch (o_proj stacks the batch twice:
+ * row r is part r / N of token r % N). The mask of element e of token t of a
+ * row in global slot s is a hash of (seed, step, layer, module, part, s, t,
+ * e): the same whatever the micro-batch or rank layout. */
+static void dropout_mask(const tp_decoder *m, int l, int j, const float *x, float *out, int64_t n, int64_t in) {
     double p = m->o.lora.dropout;
     uint64_t key = mix64(m->o.seed ^ mix64((uint64_t)m->step * 0x9e3779b97f4a7c15ULL + (uint64_t)l * 131 + (uint64_t)j));
     uint64_t thresh = (uint64_t)(p * 18446744073709551616.0);
     float keep_scale = (float)(1.0 / (1.0 - p));
+    const tp_batch *b = m->cur;
+    int64_t N = b->B * b->T;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < count; i++) out[i] = mix64(key + (uint64_t)i) >= thresh ? x[i] * keep_scale : 0.0f;
+    for (int64_t r = 0; r < n; r++) {
+        int64_t part = r / N, t = r % N, row = t / b->T, pos = t % b->T;
+        int64_t slot = b->slot ? b->slot[row] : row;
+        uint64_t base = mix64(key + (uint64_t)(((slot * b->T + pos) * 2 + part)));
+        for (int64_t e = 0; e < in; e++)
+            out[r * in + e] = mix64(base + (uint64_t)e) >= thresh ? x[r * in + e] * keep_scale : 0.0f;
+    }
 }
 
 static const float *lora_input(tp_decoder *m, int l, int j, const float *x, int64_t n, int64_t in) {
     if (m->o.lora.dropout <= 0) return x;
-    dropout_mask(m, l, j, x, m->xdrop, n * in);
+    dropout_mask(m, l, j, x, m->xdrop, n, in);
     return m->xdrop;
 }
 
@@ -539,7 +563,7 @@ static int lin_bwd(tp_decoder *m, int l, int j, const float *x, const float *xa,
         tp_sgemm(1, 0, r, L->in, n, s, t, r, xin, L->in, 1.0f, L->dA, L->in);
         if (m->o.lora.dropout > 0) { /* through the same mask: d drop(x) / dx */
             tp_sgemm(0, 0, n, L->in, r, s, t, r, L->A, L->in, 0.0f, m->xdrop, L->in);
-            dropout_mask(m, l, j, m->xdrop, m->xdrop, n * L->in);
+            dropout_mask(m, l, j, m->xdrop, m->xdrop, n, L->in);
             tp_add(dx, m->xdrop, n * L->in);
         } else {
             tp_sgemm(0, 0, n, L->in, r, s, t, r, L->A, L->in, 1.0f, dx, L->in);
@@ -559,6 +583,11 @@ static double layer_mu(const tp_decoder *m, int l, const float **mu_logit) {
         return 1.0 / (1.0 + exp(-(double)m->layers[l].mag_logit[0]));
     }
     return tp_mag_mu(&m->o.mag, m->step);
+}
+
+double tp_decoder_mu(const tp_decoder *m, int l) {
+    const float *lg;
+    return layer_mu(m, l, &lg);
 }
 
 /* The softmax branch is skipped when μ = 1 exactly, with no cross gate and
@@ -802,6 +831,7 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
     }
     int rc = ensure_acts(m, N, b->T, err);
     if (rc) return rc;
+    m->cur = b;
     tp_rope_tables(m->rope_cos, m->rope_sin, m->inv_freq, c->head_dim, b->T);
     embed_rows(&m->embed, b->ids, N, m->x_res);
     for (int64_t l = 0; l < L; l++) {
@@ -834,6 +864,7 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
     *count = cnt_all;
     if (!backward) return TP_OK;
     tp_rmsnorm_bwd(m->d_res, m->dnorm_final, m->d_tmp, m->xL, m->norm_final, m->rstdf, N, D, 0);
+    if (m->hook) m->hook(m->hook_ctx, (int)L);
     for (int64_t l = L - 1; l >= 0; l--) {
         acts *A = &m->A[m->o.recompute ? 0 : l];
         if (m->o.recompute) { /* re-run the layer from its saved input */
@@ -841,6 +872,7 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
             if ((rc = layer_fwd(m, (int)l, A, m->x_res, b, err))) return rc;
         }
         if ((rc = layer_bwd(m, (int)l, A, m->d_res, b, err))) return rc;
+        if (m->hook) m->hook(m->hook_ctx, (int)l);
     }
     if (m->dembed) { /* scatter-add rows; columns in parallel keeps a fixed order */
         float *dE = m->dembed;
@@ -852,6 +884,7 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
                 for (int64_t j = j0; j < j1; j++) dE[(int64_t)b->ids[t] * D + j] += g[t * D + j];
         }
     }
+    if (m->hook) m->hook(m->hook_ctx, -1);
     return TP_OK;
 }
 

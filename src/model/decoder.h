@@ -98,6 +98,7 @@ typedef struct tp_param {
     size_t offset, numel; /* into theta / grad */
     int decay;            /* AdamW weight decay applies (matrices, not norms/biases) */
     int is_lora;
+    int layer;            /* decoder layer, -1 for the embedding, L for final norm / lm_head */
 } tp_param;
 
 /* A packed micro-batch: B rows of T tokens. */
@@ -107,6 +108,8 @@ typedef struct tp_batch {
     const int32_t *labels;    /* [B*T], -100 = ignored */
     const int32_t *doc_start; /* [B*T] position (within the row) where the token's document starts */
     const int32_t *pos;       /* [B*T] RoPE position (restarts at 0 per document) */
+    const int64_t *slot;      /* [B] the rows' slots in the global batch, or NULL (0..B-1): LoRA dropout
+                                 masks depend on (step, slot, position), not on how rows are split */
 } tp_batch;
 
 typedef struct tp_decoder tp_decoder;
@@ -121,8 +124,17 @@ float *tp_decoder_theta(tp_decoder *m); /* all trainables, contiguous */
 float *tp_decoder_grad(tp_decoder *m);  /* same layout */
 size_t tp_decoder_numel(const tp_decoder *m);
 void tp_decoder_zero_grad(tp_decoder *m);
-/* The step counter seeds dropout masks (so recomputation reproduces them). */
+/* The step counter seeds dropout masks (so recomputation reproduces them)
+ * and drives MaG schedules. */
 void tp_decoder_set_step(tp_decoder *m, int64_t step);
+/* Called during backward when the gradients of a layer's parameters are
+ * complete for this micro-batch: layer = L after the LM head and final norm,
+ * then L-1 ... 0 after each layer, then -1 after the embedding. NULL clears. */
+typedef void (*tp_grad_hook)(void *ctx, int layer);
+void tp_decoder_set_grad_hook(tp_decoder *m, tp_grad_hook hook, void *ctx);
+/* μ of layer l at the current step (schedule value or σ(logit[0])). */
+double tp_decoder_mu(const tp_decoder *m, int l);
+const tp_decoder_opts *tp_decoder_options(const tp_decoder *m);
 
 /* Forward and backward on one micro-batch. Gradients of the loss
  * sum(token losses) / normalizer are ADDED to grad (so micro-batches

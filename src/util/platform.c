@@ -25,14 +25,25 @@ void tp_cpu_detect(tp_cpu_features *f) {
 
 void tp_maybe_reexec_for_blas(int argc, char **argv) {
     (void)argc;
-    if (getenv("OPENBLAS_CORETYPE") || getenv("TPTT_NO_REEXEC")) return;
+    if (getenv("TPTT_NO_REEXEC")) return;
+    int change = 0;
     tp_cpu_features f;
     tp_cpu_detect(&f);
-    if (!f.avx512f || !f.avx512bw) return;
-    setenv("OPENBLAS_CORETYPE", "SKYLAKEX", 1);
+    if (!getenv("OPENBLAS_CORETYPE") && f.avx512f && f.avx512bw) {
+        setenv("OPENBLAS_CORETYPE", "SKYLAKEX", 1);
+        change = 1;
+    }
+    /* libgomp's default wait policy (spin a while, then sleep) made a tiny
+     * training step 40x slower than either explicit policy on a 2-vCPU VM;
+     * PASSIVE also behaves when MPI ranks outnumber cores */
+    if (!getenv("OMP_WAIT_POLICY")) {
+        setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+        change = 1;
+    }
+    if (!change) return;
     setenv("TPTT_NO_REEXEC", "1", 1); /* never loop */
     execv("/proc/self/exe", argv);
-    /* exec failed: carry on with the kernels OpenBLAS picked */
+    /* exec failed: carry on with the libraries' defaults */
 }
 
 static const char *isa_name(dnnl_cpu_isa_t isa) {
@@ -69,7 +80,8 @@ void tp_platform_describe(char *buf, unsigned long n) {
     const char *eff = isa == dnnl_cpu_isa_all
                           ? (f.avx512_bf16 ? "avx512_core_bf16" : f.avx512f ? "avx512_core" : f.avx2 ? "avx2" : "sse41")
                           : isa_name(isa);
-    snprintf(buf, n, "OpenBLAS %s, core %s (OPENBLAS_CORETYPE=%s); oneDNN %d.%d.%d ISA %s; OpenMP threads %d; CPU avx2=%d avx512f=%d avx512_bf16=%d",
+    snprintf(buf, n, "OpenBLAS %s, core %s (OPENBLAS_CORETYPE=%s); oneDNN %d.%d.%d ISA %s; OpenMP threads %d (OMP_WAIT_POLICY=%s); CPU avx2=%d avx512f=%d avx512_bf16=%d",
              blas_version(), openblas_get_corename(), getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "unset",
-             v->major, v->minor, v->patch, eff, omp_get_max_threads(), f.avx2, f.avx512f, f.avx512_bf16);
+             v->major, v->minor, v->patch, eff, omp_get_max_threads(),
+             getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "unset", f.avx2, f.avx512f, f.avx512_bf16);
 }

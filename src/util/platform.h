@@ -14,9 +14,12 @@ typedef struct tp_cpu_features {
 
 void tp_cpu_detect(tp_cpu_features *f);
 
-/* If the CPU has AVX-512 and OPENBLAS_CORETYPE is unset, set it to SKYLAKEX and
- * exec /proc/self/exe with the same argv. Returns only if no re-exec happened
- * (or it failed, in which case the default kernels are used). */
+/* Before anything else in main(): if the CPU has AVX-512 and
+ * OPENBLAS_CORETYPE is unset, set it to SKYLAKEX; if OMP_WAIT_POLICY is unset,
+ * set it to PASSIVE; if either changed, exec /proc/self/exe with the same argv
+ * (both are read when the libraries load). Returns only if no re-exec
+ * happened or it failed (then the libraries' defaults apply). TPTT_NO_REEXEC
+ * disables it. */
 void tp_maybe_reexec_for_blas(int argc, char **argv);
 
 /* One line describing the BLAS core, oneDNN ISA, OpenMP threads and CPU flags. */

@@ -650,7 +650,7 @@ class Decoder:
 
     def _liza_branch(self, l, o_base, q, k, v, ctx):
         """o_lin of LIZA.md section 2 from the raw (pre-RoPE) q [B,H,T,d], k, v [B,Hkv,T,d]."""
-        cfg, lz = self.cfg, self.liza
+        lz = self.liza
         Bsz, H, T, d = q.shape
         g = H // k.shape[1]
         pos = ctx["pos"]

@@ -1,0 +1,1096 @@
+/* config.c - the training run's configuration: YAML file (libyaml document
+ * API) plus `--set key=value` overrides, cross-field checks and the resume
+ * digest's canonical JSON. Keys, types, defaults: docs/config.md.
+ *
+ * One key table drives everything: a key's section, dotted name, value kind
+ * and range. The file walker and --set both end in apply_key(), so a value is
+ * parsed the same way wherever it comes from (--set parses its value as a
+ * one-line YAML document). Messages:
+ *   file:  "<file>:<line>: <dotted.key>: expected <what>, got <what was found>"
+ *   --set: "--set <dotted.key>: expected <what>, got <what was found>" */
+#include "train/config.h"
+
+#include <cjson/cJSON.h>
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <yaml.h>
+
+#include "kernels/liza.h"
+#include "kernels/liza_gates.h"
+#include "util/fsutil.h"
+
+#define CFG_MAX_BYTES (64u << 10) /* a config file is a few hundred bytes */
+#define BIG (1LL << 53)          /* "no upper bound" for counts (exact in double and JSON) */
+
+/* ---- the key table ----------------------------------------------------- */
+
+enum { S_TOP, S_MODEL, S_RUN, S_LORA, S_LIZA, S_MAG, S_COMPUTE, S_DATA, S_BATCH, S_OPTIM, S_SCHED, S_CKPT,
+       S_LOG, S_FAULTS, S_DIST, S_EXPORT, NSEC };
+static const char *const sec_names[NSEC] = {"",        "model", "run",       "lora",       "liza",    "mag",
+                                            "compute", "data",  "batch",     "optimizer",  "schedule", "checkpoint",
+                                            "logging", "faults", "dist",     "export"};
+
+enum { K_INT, K_NUM, K_BOOL, K_ENUM, K_STR, K_TARGETS, K_VALUES };
+
+enum {
+    KEY_MODEL_PATH, KEY_RUN_DIR, KEY_SEED, KEY_TRAINABLE,
+    KEY_LORA_R, KEY_LORA_ALPHA, KEY_LORA_DROPOUT, KEY_LORA_TARGETS, KEY_LORA_RSLORA, KEY_LORA_INIT,
+    KEY_LIZA_ENABLED, KEY_LIZA_PRESET, KEY_LIZA_ORDER, KEY_LIZA_ALPHA_GATE, KEY_LIZA_BETA_GATE, KEY_LIZA_TRICK,
+    KEY_LIZA_LINEAR, KEY_LIZA_CHUNK, KEY_LIZA_BASE_SCALE,
+    KEY_MAG_MODE, KEY_MAG_MU0, KEY_MAG_MU1, KEY_MAG_STEPS, KEY_MAG_VALUES, KEY_MAG_PERIOD, KEY_MAG_SHAPE,
+    KEY_MAG_CROSS,
+    KEY_COMPUTE_MATMUL, KEY_COMPUTE_RECOMPUTE,
+    KEY_DATA_FORMAT, KEY_DATA_PATH, KEY_DATA_SEQ_LEN, KEY_DATA_LONG_DOCS, KEY_DATA_TOKENIZER, KEY_DATA_CACHE,
+    KEY_BATCH_GLOBAL, KEY_BATCH_MICRO,
+    KEY_OPT_LR, KEY_OPT_MIN_LR, KEY_OPT_WD, KEY_OPT_BETA1, KEY_OPT_BETA2, KEY_OPT_EPS, KEY_OPT_CLIP,
+    KEY_SCHED_KIND, KEY_SCHED_WARMUP, KEY_SCHED_TOTAL,
+    KEY_CKPT_EVERY, KEY_CKPT_KEEP, KEY_LOG_EVERY, KEY_FAULTS_BAD, KEY_DIST_BUCKET, KEY_EXPORT_DIR,
+    NKEYS
+};
+
+static const char *const ch_trainable[] = {"lora", "projections", "all", NULL};
+static const char *const ch_init[] = {"default", "random", NULL};
+static const char *const ch_preset[] = {"delta_rule",      "delta_rule_v",        "delta_rule_kv",
+                                        "delta_rule_gelu", "gated_delta_rule",    "delta_product",
+                                        "gated_delta_product", "delta_product_r", "delta_product_c", NULL};
+static const char *const ch_gate[] = {"c", "k", "v", "kv", NULL};        /* TP_GATE_* order */
+static const char *const ch_trick[] = {"dt", "rot", "rdt", NULL};        /* TP_TRICK_* order */
+static const char *const ch_mag_mode[] = {"constant", "gradual", "cyclic", "learnable", NULL}; /* TP_MAG_* */
+static const char *const ch_shape[] = {"scalar", "vector", NULL};
+static const char *const ch_matmul[] = {"auto", "f32", "bf16", NULL};
+static const char *const ch_format[] = {"tokens", NULL};
+static const char *const ch_long_docs[] = {"split", "drop", NULL};
+static const char *const ch_sched[] = {"cosine", "linear", "constant", NULL}; /* TP_LR_* order */
+
+typedef struct keydef {
+    int sec;
+    const char *dotted;
+    int kind;
+    long long imin, imax;        /* K_INT */
+    double dmin, dmax;           /* K_NUM (±INFINITY: unbounded) */
+    int lo_open, hi_open;        /* K_NUM: bound excluded */
+    const char *const *choices;  /* K_ENUM */
+    int required, nullable;      /* K_STR: null/"" means "not set" */
+} keydef;
+
+#define KI(id, s, d, lo, hi) [id] = {.sec = s, .dotted = d, .kind = K_INT, .imin = lo, .imax = hi}
+#define KN(id, s, d, lo, lo_o, hi, hi_o) \
+    [id] = {.sec = s, .dotted = d, .kind = K_NUM, .dmin = lo, .lo_open = lo_o, .dmax = hi, .hi_open = hi_o}
+#define KB(id, s, d) [id] = {.sec = s, .dotted = d, .kind = K_BOOL}
+#define KE(id, s, d, ch) [id] = {.sec = s, .dotted = d, .kind = K_ENUM, .choices = ch}
+#define KIR(id, s, d, lo, hi) [id] = {.sec = s, .dotted = d, .kind = K_INT, .imin = lo, .imax = hi, .required = 1}
+#define KS(id, s, d, req) [id] = {.sec = s, .dotted = d, .kind = K_STR, .required = req, .nullable = !(req)}
+
+static const keydef keys[NKEYS] = {
+    KS(KEY_MODEL_PATH, S_MODEL, "model.path", 1),
+    KS(KEY_RUN_DIR, S_RUN, "run.dir", 1),
+    KI(KEY_SEED, S_TOP, "seed", 0, 0x7fffffffffffffffLL),
+    KE(KEY_TRAINABLE, S_TOP, "trainable", ch_trainable),
+    KI(KEY_LORA_R, S_LORA, "lora.r", 1, 65536),
+    KN(KEY_LORA_ALPHA, S_LORA, "lora.alpha", 0, 1, INFINITY, 0),
+    KN(KEY_LORA_DROPOUT, S_LORA, "lora.dropout", 0, 0, 1, 1),
+    [KEY_LORA_TARGETS] = {.sec = S_LORA, .dotted = "lora.target_modules", .kind = K_TARGETS},
+    KB(KEY_LORA_RSLORA, S_LORA, "lora.rslora"),
+    KE(KEY_LORA_INIT, S_LORA, "lora.init", ch_init),
+    KB(KEY_LIZA_ENABLED, S_LIZA, "liza.enabled"),
+    KE(KEY_LIZA_PRESET, S_LIZA, "liza.preset", ch_preset),
+    KI(KEY_LIZA_ORDER, S_LIZA, "liza.order", 1, 8),
+    KE(KEY_LIZA_ALPHA_GATE, S_LIZA, "liza.alpha_gate", ch_gate),
+    KE(KEY_LIZA_BETA_GATE, S_LIZA, "liza.beta_gate", ch_gate),
+    KE(KEY_LIZA_TRICK, S_LIZA, "liza.trick", ch_trick),
+    KB(KEY_LIZA_LINEAR, S_LIZA, "liza.linear"),
+    KI(KEY_LIZA_CHUNK, S_LIZA, "liza.chunk_size", 1, 4096),
+    KB(KEY_LIZA_BASE_SCALE, S_LIZA, "liza.base_scale_attn"),
+    KE(KEY_MAG_MODE, S_MAG, "mag.mode", ch_mag_mode),
+    KN(KEY_MAG_MU0, S_MAG, "mag.mu0", 0, 0, 1, 0),
+    KN(KEY_MAG_MU1, S_MAG, "mag.mu1", 0, 0, 1, 0),
+    KI(KEY_MAG_STEPS, S_MAG, "mag.steps", 1, BIG),
+    [KEY_MAG_VALUES] = {.sec = S_MAG, .dotted = "mag.values", .kind = K_VALUES, .dmin = 0, .dmax = 1},
+    KI(KEY_MAG_PERIOD, S_MAG, "mag.period", 1, BIG),
+    KE(KEY_MAG_SHAPE, S_MAG, "mag.learnable_shape", ch_shape),
+    KB(KEY_MAG_CROSS, S_MAG, "mag.cross_gate"),
+    KE(KEY_COMPUTE_MATMUL, S_COMPUTE, "compute.matmul", ch_matmul),
+    KB(KEY_COMPUTE_RECOMPUTE, S_COMPUTE, "compute.recompute"),
+    KE(KEY_DATA_FORMAT, S_DATA, "data.format", ch_format),
+    KS(KEY_DATA_PATH, S_DATA, "data.path", 1),
+    KI(KEY_DATA_SEQ_LEN, S_DATA, "data.seq_len", 2, 1LL << 24),
+    KE(KEY_DATA_LONG_DOCS, S_DATA, "data.long_docs", ch_long_docs),
+    KS(KEY_DATA_TOKENIZER, S_DATA, "data.tokenizer", 0),
+    KS(KEY_DATA_CACHE, S_DATA, "data.cache_dir", 0),
+    KIR(KEY_BATCH_GLOBAL, S_BATCH, "batch.global", 1, BIG),
+    KI(KEY_BATCH_MICRO, S_BATCH, "batch.micro", 1, BIG),
+    KN(KEY_OPT_LR, S_OPTIM, "optimizer.lr", 0, 0, INFINITY, 0),
+    KN(KEY_OPT_MIN_LR, S_OPTIM, "optimizer.min_lr", 0, 0, INFINITY, 0),
+    KN(KEY_OPT_WD, S_OPTIM, "optimizer.weight_decay", 0, 0, INFINITY, 0),
+    KN(KEY_OPT_BETA1, S_OPTIM, "optimizer.beta1", 0, 0, 1, 1),
+    KN(KEY_OPT_BETA2, S_OPTIM, "optimizer.beta2", 0, 0, 1, 1),
+    KN(KEY_OPT_EPS, S_OPTIM, "optimizer.eps", 0, 0, INFINITY, 0),
+    KN(KEY_OPT_CLIP, S_OPTIM, "optimizer.max_grad_norm", -INFINITY, 0, INFINITY, 0),
+    KE(KEY_SCHED_KIND, S_SCHED, "schedule.kind", ch_sched),
+    KI(KEY_SCHED_WARMUP, S_SCHED, "schedule.warmup_steps", 0, BIG),
+    KIR(KEY_SCHED_TOTAL, S_SCHED, "schedule.total_steps", 1, BIG),
+    KI(KEY_CKPT_EVERY, S_CKPT, "checkpoint.every", 0, BIG),
+    KI(KEY_CKPT_KEEP, S_CKPT, "checkpoint.keep", 1, 1000000),
+    KI(KEY_LOG_EVERY, S_LOG, "logging.every", 1, BIG),
+    KI(KEY_FAULTS_BAD, S_FAULTS, "faults.max_bad_steps", 1, 1000000),
+    KN(KEY_DIST_BUCKET, S_DIST, "dist.bucket_mb", 0, 1, 65536, 0),
+    KS(KEY_EXPORT_DIR, S_EXPORT, "export.model_dir", 0),
+};
+
+/* The part of a dotted name after the section ("global" of "batch.global"). */
+static const char *leaf(int id) {
+    const char *d = strchr(keys[id].dotted, '.');
+    return d ? d + 1 : keys[id].dotted;
+}
+
+static int find_section(const char *name) {
+    for (int s = 1; s < NSEC; s++)
+        if (!strcmp(name, sec_names[s])) return s;
+    return -1;
+}
+
+static int find_key_in(int sec, const char *name) {
+    for (int i = 0; i < NKEYS; i++)
+        if (keys[i].sec == sec && !strcmp(leaf(i), name)) return i;
+    return -1;
+}
+
+static int find_dotted(const char *dotted) {
+    for (int i = 0; i < NKEYS; i++)
+        if (!strcmp(keys[i].dotted, dotted)) return i;
+    return -1;
+}
+
+/* "global, micro" (keys of a section) or the top-level names. */
+static void list_names(int sec, char *buf, size_t n) {
+    size_t len = 0;
+    buf[0] = 0;
+#define APPEND(str)                                                                          \
+    do {                                                                                     \
+        int w_ = snprintf(buf + len, n - len, "%s%s", len ? ", " : "", (str));               \
+        if (w_ > 0) len = (size_t)w_ < n - len ? len + (size_t)w_ : n - 1;                   \
+    } while (0)
+    if (sec == S_TOP) { /* in file order of docs/config.md */
+        static const int order[] = {S_MODEL, S_RUN, -KEY_SEED - 1, -KEY_TRAINABLE - 1, S_LORA, S_LIZA, S_MAG,
+                                    S_COMPUTE, S_DATA, S_BATCH, S_OPTIM, S_SCHED, S_CKPT, S_LOG, S_FAULTS,
+                                    S_DIST, S_EXPORT};
+        for (size_t i = 0; i < sizeof order / sizeof *order; i++)
+            APPEND(order[i] >= 0 ? sec_names[order[i]] : keys[-order[i] - 1].dotted);
+    } else {
+        for (int i = 0; i < NKEYS; i++)
+            if (keys[i].sec == sec) APPEND(leaf(i));
+    }
+#undef APPEND
+}
+
+/* ---- messages ------------------------------------------------------------ */
+
+/* Where a value came from: a file (with lines) or a --set. */
+typedef struct ctx {
+    tp_train_cfg *c;
+    tp_err *err;
+    const char *file;         /* NULL: --set */
+    yaml_document_t *doc;
+    size_t key_line[NKEYS];   /* 1-based line where the file set the key, 0: not set */
+    size_t sec_line[NSEC];
+} ctx;
+
+static size_t line_of(const yaml_node_t *n) { return n ? n->start_mark.line + 1 : 0; }
+
+/* Copy s (len bytes) for a message: one line, printable, at most ~48 bytes. */
+static void quote_text(const char *s, size_t len, char *out, size_t n) {
+    size_t o = 0, i = 0;
+    for (; i < len && o + 4 < n && i < 48; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        out[o++] = (ch < 0x20 || ch == 0x7f) ? '?' : (char)ch;
+    }
+    if (i < len && o + 4 < n) { out[o++] = '.'; out[o++] = '.'; out[o++] = '.'; }
+    out[o] = 0;
+}
+
+/* "<file>:<line>: <key>[<idx>]: <msg>" or "--set <key>[<idx>]: <msg>" */
+__attribute__((format(printf, 5, 6))) static int fail_at(ctx *x, const yaml_node_t *at, const char *key, int idx,
+                                                        const char *fmt, ...) {
+    char msg[TP_ERR_LEN], ix[24] = "";
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (idx >= 0) snprintf(ix, sizeof ix, "[%d]", idx);
+    if (x->file) return tp_fail(x->err, TP_EINVAL, "%s:%zu: %s%s: %s", x->file, line_of(at), key, ix, msg);
+    return tp_fail(x->err, TP_EINVAL, "--set %s%s: %s", key, ix, msg);
+}
+
+static int is_null(const yaml_node_t *v) {
+    if (v->type != YAML_SCALAR_NODE || v->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) return 0;
+    const char *s = (const char *)v->data.scalar.value;
+    return !strcmp(s, "") || !strcmp(s, "~") || !strcmp(s, "null") || !strcmp(s, "Null") || !strcmp(s, "NULL");
+}
+
+/* What was found, for "got ...". */
+static void describe(const yaml_node_t *v, char *out, size_t n) {
+    char q[64];
+    if (v->type == YAML_MAPPING_NODE) snprintf(out, n, "a mapping");
+    else if (v->type == YAML_SEQUENCE_NODE) snprintf(out, n, "a list");
+    else if (v->type != YAML_SCALAR_NODE) snprintf(out, n, "nothing");
+    else if (is_null(v)) snprintf(out, n, "null (no value)");
+    else {
+        quote_text((const char *)v->data.scalar.value, v->data.scalar.length, q, sizeof q);
+        if (v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE) snprintf(out, n, "'%s'", q);
+        else snprintf(out, n, "the quoted string \"%s\"", q);
+    }
+}
+
+/* Explicit tags (!!int, !foo) would change what a value means: refused. */
+static int check_tag(ctx *x, const char *key, int idx, const yaml_node_t *v) {
+    const char *def = v->type == YAML_SCALAR_NODE     ? YAML_DEFAULT_SCALAR_TAG
+                      : v->type == YAML_SEQUENCE_NODE ? YAML_DEFAULT_SEQUENCE_TAG
+                                                      : YAML_DEFAULT_MAPPING_TAG;
+    if (v->tag && strcmp((const char *)v->tag, def)) {
+        char q[64];
+        quote_text((const char *)v->tag, strlen((const char *)v->tag), q, sizeof q);
+        return fail_at(x, v, key, idx, "YAML tags are not supported, found tag '%s'", q);
+    }
+    if (v->type == YAML_SCALAR_NODE && strlen((const char *)v->data.scalar.value) != v->data.scalar.length)
+        return fail_at(x, v, key, idx, "the value contains a NUL character");
+    return TP_OK;
+}
+
+/* ---- value parsing -------------------------------------------------------- */
+
+/* 0: ok; -1: not a decimal integer; -2: out of int64 range */
+static int parse_i64(const char *s, long long *out) {
+    const char *p = s;
+    if (*p == '+' || *p == '-') p++;
+    if (!*p) return -1;
+    for (const char *q = p; *q; q++)
+        if (!isdigit((unsigned char)*q)) return -1;
+    errno = 0;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    if (errno == ERANGE) return -2;
+    if (*end) return -1;
+    *out = v;
+    return 0;
+}
+
+/* 0: ok; -1: not a decimal number; -2: not finite (inf, nan, overflow) */
+static int parse_f64(const char *s, double *out) {
+    static const char *const nonfinite[] = {".inf", "+.inf", "-.inf", ".nan", "inf", "+inf", "-inf",
+                                            "nan", "infinity", "+infinity", "-infinity", NULL};
+    char low[16];
+    size_t i = 0;
+    for (; s[i] && i + 1 < sizeof low; i++) low[i] = (char)tolower((unsigned char)s[i]);
+    low[i] = 0;
+    if (!s[i])
+        for (const char *const *p = nonfinite; *p; p++)
+            if (!strcmp(low, *p)) return -2;
+    if (!*s) return -1;
+    for (const char *q = s; *q; q++)
+        if (!isdigit((unsigned char)*q) && !strchr("+-.eE", *q)) return -1;
+    errno = 0;
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || *end) return -1;
+    if (!isfinite(v)) return -2;
+    *out = v;
+    return 0;
+}
+
+/* "a positive integer", "an integer in [1, 8]", ... */
+static void int_expect(const keydef *k, char *out, size_t n) {
+    if (k->imax >= BIG) {
+        if (k->imin == 0) snprintf(out, n, "a non-negative integer");
+        else if (k->imin == 1) snprintf(out, n, "a positive integer");
+        else snprintf(out, n, "an integer >= %lld", k->imin);
+    } else {
+        snprintf(out, n, "an integer in [%lld, %lld]", k->imin, k->imax);
+    }
+}
+
+static void num_expect(double lo, int lo_open, double hi, int hi_open, char *out, size_t n) {
+    if (isinf(lo) && isinf(hi)) snprintf(out, n, "a number");
+    else if (lo == 0 && isinf(hi)) snprintf(out, n, "a %s number", lo_open ? "positive" : "non-negative");
+    else snprintf(out, n, "a number in %c%g, %g%c", lo_open ? '(' : '[', lo, hi, hi_open ? ')' : ']');
+}
+
+static void enum_expect(const char *const *ch, char *out, size_t n) {
+    size_t len = 0, cnt = 0;
+    while (ch[cnt]) cnt++;
+    out[0] = 0;
+    for (size_t i = 0; i < cnt && len + 1 < n; i++) {
+        int w = snprintf(out + len, n - len, "%s%s", i == 0 ? "" : i + 1 == cnt ? " or " : ", ", ch[i]);
+        if (w > 0) len = (size_t)w < n - len ? len + (size_t)w : n - 1;
+    }
+    if (cnt == 1 && len + 1 < n) snprintf(out + len, n - len, " (the only value supported so far)");
+}
+
+#define UNQUOTE " (write numbers and booleans without quotes)"
+
+/* A scalar for key (not null, not a list or mapping). */
+static int need_scalar(ctx *x, int id, int idx, const yaml_node_t *v, const char *expect, const char **s) {
+    char got[160];
+    int rc = check_tag(x, keys[id].dotted, idx, v);
+    if (rc) return rc;
+    if (v->type != YAML_SCALAR_NODE || is_null(v)) {
+        describe(v, got, sizeof got);
+        return fail_at(x, v, keys[id].dotted, idx, "expected %s, got %s", expect, got);
+    }
+    *s = (const char *)v->data.scalar.value;
+    return TP_OK;
+}
+
+static int get_int(ctx *x, int id, const yaml_node_t *v, long long *out) {
+    const keydef *k = &keys[id];
+    char exp[96], got[160];
+    const char *s;
+    int_expect(k, exp, sizeof exp);
+    int rc = need_scalar(x, id, -1, v, exp, &s);
+    if (rc) return rc;
+    describe(v, got, sizeof got);
+    if (v->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+        return fail_at(x, v, k->dotted, -1, "expected %s, got %s%s", exp, got, UNQUOTE);
+    long long n = 0;
+    int pr = parse_i64(s, &n);
+    if (pr == 0 && n >= k->imin && n <= k->imax) { *out = n; return TP_OK; }
+    if (pr != -1 && k->imax >= BIG && (pr == -2 || n > k->imax))
+        return fail_at(x, v, k->dotted, -1, "expected %s of at most %lld, got %s", exp, k->imax, got);
+    return fail_at(x, v, k->dotted, -1, "expected %s, got %s", exp, got);
+}
+
+/* One number in [lo, hi] from scalar text (plain style checked by caller). */
+static int num_text(ctx *x, const yaml_node_t *at, const char *key, int idx, const char *s, const keydef *k,
+                    double *out) {
+    char exp[96], q[64];
+    num_expect(k->dmin, k->lo_open, k->dmax, k->hi_open, exp, sizeof exp);
+    quote_text(s, strlen(s), q, sizeof q);
+    double d = 0;
+    int pr = parse_f64(s, &d);
+    if (pr == -2) return fail_at(x, at, key, idx, "expected a finite number, got '%s'", q);
+    if (pr == 0 && (k->lo_open ? d > k->dmin : d >= k->dmin) && (k->hi_open ? d < k->dmax : d <= k->dmax)) {
+        *out = d;
+        return TP_OK;
+    }
+    return fail_at(x, at, key, idx, "expected %s, got '%s'", exp, q);
+}
+
+static int get_num(ctx *x, int id, const yaml_node_t *v, double *out) {
+    const keydef *k = &keys[id];
+    char exp[96], got[160];
+    const char *s;
+    num_expect(k->dmin, k->lo_open, k->dmax, k->hi_open, exp, sizeof exp);
+    int rc = need_scalar(x, id, -1, v, exp, &s);
+    if (rc) return rc;
+    if (v->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) {
+        describe(v, got, sizeof got);
+        return fail_at(x, v, k->dotted, -1, "expected %s, got %s%s", exp, got, UNQUOTE);
+    }
+    return num_text(x, v, k->dotted, -1, s, k, out);
+}
+
+static int get_bool(ctx *x, int id, const yaml_node_t *v, int *out) {
+    char got[160];
+    const char *s;
+    int rc = need_scalar(x, id, -1, v, "true or false", &s);
+    if (rc) return rc;
+    if (v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE && (!strcmp(s, "true") || !strcmp(s, "false"))) {
+        *out = s[0] == 't';
+        return TP_OK;
+    }
+    describe(v, got, sizeof got);
+    return fail_at(x, v, keys[id].dotted, -1, "expected true or false, got %s%s", got,
+                   v->data.scalar.style == YAML_PLAIN_SCALAR_STYLE ? "" : UNQUOTE);
+}
+
+static int get_enum(ctx *x, int id, const yaml_node_t *v, int *out) {
+    char exp[256], got[160];
+    const char *s;
+    enum_expect(keys[id].choices, exp, sizeof exp);
+    int rc = need_scalar(x, id, -1, v, exp, &s);
+    if (rc) return rc;
+    for (int i = 0; keys[id].choices[i]; i++)
+        if (!strcmp(s, keys[id].choices[i])) { *out = i; return TP_OK; }
+    describe(v, got, sizeof got);
+    return fail_at(x, v, keys[id].dotted, -1, "expected %s, got %s", exp, got);
+}
+
+/* A path; null or "" means "not set" for optional keys. */
+static int get_str(ctx *x, int id, const yaml_node_t *v, char *dst, size_t cap) {
+    const keydef *k = &keys[id];
+    char got[160];
+    int rc = check_tag(x, k->dotted, -1, v);
+    if (rc) return rc;
+    if (v->type == YAML_SCALAR_NODE && (is_null(v) || v->data.scalar.length == 0)) {
+        if (k->nullable) { dst[0] = 0; return TP_OK; }
+        describe(v, got, sizeof got);
+        return fail_at(x, v, k->dotted, -1, "expected a non-empty path, got %s", got);
+    }
+    if (v->type != YAML_SCALAR_NODE) {
+        describe(v, got, sizeof got);
+        return fail_at(x, v, k->dotted, -1, "expected a path (a string), got %s", got);
+    }
+    if (v->data.scalar.length >= cap)
+        return fail_at(x, v, k->dotted, -1, "expected a path of at most %zu bytes, got %zu bytes", cap - 1,
+                       v->data.scalar.length);
+    memcpy(dst, v->data.scalar.value, v->data.scalar.length + 1);
+    return TP_OK;
+}
+
+/* The items of a list value: a YAML list of scalars or one comma-separated
+ * scalar. Calls item(x, at, idx, text, len, plain, arg) for each. */
+typedef int (*item_fn)(ctx *x, int id, const yaml_node_t *at, int idx, const char *s, size_t len, int plain,
+                       void *arg);
+
+static int for_items(ctx *x, int id, const yaml_node_t *v, const char *one, const char *expect, item_fn fn,
+                     void *arg) {
+    const char *key = keys[id].dotted;
+    char got[160];
+    int rc = check_tag(x, key, -1, v);
+    if (rc) return rc;
+    if (v->type == YAML_SEQUENCE_NODE) {
+        int idx = 0;
+        const yaml_node_item_t *it = v->data.sequence.items.start;
+        if (it == v->data.sequence.items.top)
+            return fail_at(x, v, key, -1, "expected a non-empty list of %s, got an empty list", expect);
+        for (; it < v->data.sequence.items.top; it++, idx++) {
+            const yaml_node_t *e = yaml_document_get_node(x->doc, *it);
+            if (!e) return fail_at(x, v, key, idx, "broken YAML document");
+            if ((rc = check_tag(x, key, idx, e))) return rc;
+            if (e->type != YAML_SCALAR_NODE || is_null(e)) {
+                describe(e, got, sizeof got);
+                return fail_at(x, e, key, idx, "expected %s, got %s", one, got);
+            }
+            if ((rc = fn(x, id, e, idx, (const char *)e->data.scalar.value, e->data.scalar.length,
+                         e->data.scalar.style == YAML_PLAIN_SCALAR_STYLE, arg)))
+                return rc;
+        }
+        return TP_OK;
+    }
+    if (v->type != YAML_SCALAR_NODE || is_null(v)) {
+        describe(v, got, sizeof got);
+        return fail_at(x, v, key, -1, "expected a list of %s (YAML list or comma-separated), got %s", expect, got);
+    }
+    const char *p = (const char *)v->data.scalar.value;
+    for (int idx = 0;; idx++) {
+        const char *e = strchr(p, ',');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        while (n && isspace((unsigned char)*p)) { p++; n--; }
+        while (n && isspace((unsigned char)p[n - 1])) n--;
+        if ((rc = fn(x, id, v, idx, p, n, 1, arg))) return rc;
+        if (!e) break;
+        p = e + 1;
+    }
+    return TP_OK;
+}
+
+static int target_item(ctx *x, int id, const yaml_node_t *at, int idx, const char *s, size_t len, int plain,
+                       void *arg) {
+    (void)plain;
+    unsigned *mask = arg;
+    char q[64];
+    quote_text(s, len, q, sizeof q);
+    for (int m = 0; m < TP_NMOD; m++)
+        if (strlen(tp_module_names[m]) == len && !memcmp(s, tp_module_names[m], len)) {
+            if (*mask & (1u << m)) return fail_at(x, at, keys[id].dotted, idx, "'%s' is listed twice", q);
+            *mask |= 1u << m;
+            return TP_OK;
+        }
+    return fail_at(x, at, keys[id].dotted, idx,
+                   "expected a module name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), "
+                   "got '%s'", q);
+}
+
+typedef struct values_acc {
+    double v[TP_MAG_MAX_VALUES];
+    int n;
+} values_acc;
+
+static int value_item(ctx *x, int id, const yaml_node_t *at, int idx, const char *s, size_t len, int plain,
+                      void *arg) {
+    values_acc *a = arg;
+    char buf[64], q[64];
+    quote_text(s, len, q, sizeof q);
+    if (!plain)
+        return fail_at(x, at, keys[id].dotted, idx, "expected a number in [0, 1], got the quoted string \"%s\"%s", q,
+                       UNQUOTE);
+    if (a->n == TP_MAG_MAX_VALUES)
+        return fail_at(x, at, keys[id].dotted, idx, "expected at most %d values", TP_MAG_MAX_VALUES);
+    if (len >= sizeof buf) return fail_at(x, at, keys[id].dotted, idx, "expected a number in [0, 1], got '%s'", q);
+    memcpy(buf, s, len);
+    buf[len] = 0;
+    return num_text(x, at, keys[id].dotted, idx, buf, &keys[id], &a->v[a->n++]);
+}
+
+/* ---- applying a value -------------------------------------------------- */
+
+static int apply_key(ctx *x, int id, const yaml_node_t *v) {
+    tp_train_cfg *c = x->c;
+    long long n = 0;
+    double d = 0;
+    int b = 0, e = 0, rc;
+    switch (keys[id].kind) {
+    case K_INT:
+        if ((rc = get_int(x, id, v, &n))) return rc;
+        switch (id) {
+        case KEY_SEED: c->dec.seed = (uint64_t)n; break;
+        case KEY_LORA_R: c->dec.lora.r = (int)n; break;
+        case KEY_LIZA_ORDER: c->dec.liza.order = (int)n; break;
+        case KEY_LIZA_CHUNK: c->dec.liza.chunk = (int)n; break;
+        case KEY_MAG_STEPS: c->dec.mag.steps = n; break;
+        case KEY_MAG_PERIOD: c->dec.mag.period = n; break;
+        case KEY_DATA_SEQ_LEN: c->data.seq_len = n; break;
+        case KEY_BATCH_GLOBAL: c->global_batch = n; break;
+        case KEY_BATCH_MICRO: c->micro_batch = n; break;
+        case KEY_SCHED_WARMUP: c->sched.warmup_steps = n; break;
+        case KEY_SCHED_TOTAL: c->sched.total_steps = n; break;
+        case KEY_CKPT_EVERY: c->ckpt_every = n; break;
+        case KEY_CKPT_KEEP: c->ckpt_keep = (int)n; break;
+        case KEY_LOG_EVERY: c->log_every = n; break;
+        case KEY_FAULTS_BAD: c->max_bad_steps = (int)n; break;
+        }
+        return TP_OK;
+    case K_NUM:
+        if ((rc = get_num(x, id, v, &d))) return rc;
+        switch (id) {
+        case KEY_LORA_ALPHA: c->dec.lora.alpha = d; break;
+        case KEY_LORA_DROPOUT: c->dec.lora.dropout = d; break;
+        case KEY_MAG_MU0: c->dec.mag.mu0 = d; break;
+        case KEY_MAG_MU1: c->dec.mag.mu1 = d; break;
+        case KEY_OPT_LR: c->sched.peak_lr = d; break;
+        case KEY_OPT_MIN_LR: c->sched.min_lr = d; break;
+        case KEY_OPT_WD: c->weight_decay = d; break;
+        case KEY_OPT_BETA1: c->adamw.beta1 = d; break;
+        case KEY_OPT_BETA2: c->adamw.beta2 = d; break;
+        case KEY_OPT_EPS: c->adamw.eps = d; break;
+        case KEY_OPT_CLIP: c->max_grad_norm = d; break;
+        case KEY_DIST_BUCKET: c->bucket_mb = d; break;
+        }
+        return TP_OK;
+    case K_BOOL:
+        if ((rc = get_bool(x, id, v, &b))) return rc;
+        switch (id) {
+        case KEY_LORA_RSLORA: c->dec.lora.rslora = b; break;
+        case KEY_LIZA_ENABLED: c->dec.liza.enabled = b; break;
+        case KEY_LIZA_LINEAR: c->dec.liza.linear = b; break;
+        case KEY_LIZA_BASE_SCALE: c->dec.liza.base_scale_attn = b; break;
+        case KEY_MAG_CROSS: c->dec.mag.cross_gate = b; break;
+        case KEY_COMPUTE_RECOMPUTE: c->dec.recompute = b; break;
+        }
+        return TP_OK;
+    case K_ENUM:
+        if ((rc = get_enum(x, id, v, &e))) return rc;
+        switch (id) {
+        case KEY_TRAINABLE: c->dec.trainable = (tp_trainable)e; break;
+        case KEY_LORA_INIT: c->dec.lora.init_random = e; break;
+        case KEY_LIZA_PRESET:
+            if (tp_liza_preset(ch_preset[e], &c->dec.liza))
+                return fail_at(x, v, keys[id].dotted, -1, "preset '%s' is not known to the decoder", ch_preset[e]);
+            break;
+        case KEY_LIZA_ALPHA_GATE: c->dec.liza.alpha_gate = e; break;
+        case KEY_LIZA_BETA_GATE: c->dec.liza.beta_gate = e; break;
+        case KEY_LIZA_TRICK: c->dec.liza.trick = e; break;
+        case KEY_MAG_MODE: c->dec.mag.mode = e; break;
+        case KEY_MAG_SHAPE: c->dec.mag.vector = e; break;
+        case KEY_COMPUTE_MATMUL:
+            c->matmul_auto = e == 0;
+            c->dec.matmul = e == 2 ? TP_MM_BF16 : TP_MM_F32;
+            break;
+        case KEY_DATA_FORMAT: snprintf(c->data.format, sizeof c->data.format, "%s", ch_format[e]); break;
+        case KEY_DATA_LONG_DOCS: snprintf(c->data.long_docs, sizeof c->data.long_docs, "%s", ch_long_docs[e]); break;
+        case KEY_SCHED_KIND:
+            if (tp_lr_schedule_parse_kind(ch_sched[e], &c->sched.kind))
+                return fail_at(x, v, keys[id].dotted, -1, "kind '%s' is not known to the scheduler", ch_sched[e]);
+            break;
+        }
+        return TP_OK;
+    case K_STR:
+        switch (id) {
+        case KEY_MODEL_PATH: return get_str(x, id, v, c->model_path, sizeof c->model_path);
+        case KEY_RUN_DIR: return get_str(x, id, v, c->run_dir, sizeof c->run_dir);
+        case KEY_DATA_PATH: return get_str(x, id, v, c->data.path, sizeof c->data.path);
+        case KEY_DATA_TOKENIZER: return get_str(x, id, v, c->data.tokenizer, sizeof c->data.tokenizer);
+        case KEY_DATA_CACHE: return get_str(x, id, v, c->data.cache_dir, sizeof c->data.cache_dir);
+        case KEY_EXPORT_DIR: return get_str(x, id, v, c->export_dir, sizeof c->export_dir);
+        }
+        return TP_OK;
+    case K_TARGETS: {
+        unsigned mask = 0;
+        if ((rc = for_items(x, id, v, "a module name", "module names", target_item, &mask))) return rc;
+        c->dec.lora.targets = mask;
+        return TP_OK;
+    }
+    case K_VALUES: {
+        values_acc a = {.n = 0};
+        if ((rc = for_items(x, id, v, "a number in [0, 1]", "numbers in [0, 1]", value_item, &a))) return rc;
+        memcpy(c->dec.mag.values, a.v, sizeof a.v);
+        c->dec.mag.nvalues = a.n;
+        return TP_OK;
+    }
+    }
+    return TP_OK;
+}
+
+/* dec.liza.preset names the preset the five fields match, "" if none. */
+static void sync_preset_name(tp_train_cfg *c) {
+    const char *nm = tp_liza_preset_name(&c->dec.liza);
+    snprintf(c->dec.liza.preset, sizeof c->dec.liza.preset, "%s", nm ? nm : "");
+}
+
+/* ---- defaults ----------------------------------------------------------- */
+
+void tp_train_cfg_default(tp_train_cfg *c) {
+    memset(c, 0, sizeof *c);
+    tp_decoder_opts_default(&c->dec);
+    c->dec.liza.enabled = 1; /* training runs convert the model by default */
+    c->dec.matmul = TP_MM_F32;
+    c->matmul_auto = 1;
+    snprintf(c->data.format, sizeof c->data.format, "tokens");
+    c->data.seq_len = 512;
+    snprintf(c->data.long_docs, sizeof c->data.long_docs, "split");
+    c->global_batch = 0; /* required */
+    c->micro_batch = 1;
+    c->adamw = TP_ADAMW_CFG_DEFAULT;
+    c->weight_decay = 0;
+    c->max_grad_norm = 1.0;
+    c->sched = (tp_lr_schedule){.peak_lr = 2e-4, .min_lr = 0, .warmup_steps = 0, .total_steps = 0,
+                                .kind = TP_LR_COSINE};
+    c->ckpt_every = 100;
+    c->ckpt_keep = 3;
+    c->log_every = 1;
+    c->max_bad_steps = 5;
+    c->bucket_mb = 25;
+    sync_preset_name(c);
+}
+
+/* ---- the file -------------------------------------------------------------- */
+
+/* libyaml's error as "<where>: YAML syntax error: <problem> (...)" into tail. */
+static void yaml_problem(const yaml_parser_t *p, const char *buf, size_t len, size_t *line, char *tail,
+                         size_t n) {
+    const char *prob = p->problem ? p->problem : "unknown error";
+    if (p->error == YAML_READER_ERROR) {
+        size_t off = p->problem_offset < len ? p->problem_offset : len, l = 1;
+        for (size_t i = 0; i < off; i++) l += buf[i] == '\n';
+        *line = l;
+        if (p->problem_value >= 0)
+            snprintf(tail, n, "cannot read the text: %s (byte 0x%02x at offset %zu)", prob,
+                     (unsigned)p->problem_value & 0xffu, p->problem_offset);
+        else
+            snprintf(tail, n, "cannot read the text: %s (at offset %zu)", prob, p->problem_offset);
+        return;
+    }
+    *line = p->problem_mark.line + 1;
+    const char *hint = p->problem_mark.index < len && buf[p->problem_mark.index] == '\t'
+                           ? " (a tab: YAML indents with spaces)"
+                           : "";
+    if (p->context)
+        snprintf(tail, n, "YAML syntax error: %s (%s on line %zu)%s", prob, p->context, p->context_mark.line + 1,
+                 hint);
+    else
+        snprintf(tail, n, "YAML syntax error: %s%s", prob, hint);
+}
+
+/* Walk one mapping: the top level (sec S_TOP) or a section. Keys first
+ * (unknown, duplicate), then liza.preset, then the values in file order, so
+ * the preset never overrides an explicit field. */
+static int walk_mapping(ctx *x, int sec, const yaml_node_t *map) {
+    char got[160], names[512], q[64];
+    int rc;
+    const char *where = sec == S_TOP ? "" : sec_names[sec];
+    int preset_pair = -1;
+    for (const yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top; p++) {
+        const yaml_node_t *k = yaml_document_get_node(x->doc, p->key);
+        if (!k) return tp_fail(x->err, TP_EFORMAT, "%s: broken YAML document", x->file);
+        if ((rc = check_tag(x, sec == S_TOP ? "(top level)" : where, -1, k))) return rc;
+        if (k->type != YAML_SCALAR_NODE) {
+            describe(k, got, sizeof got);
+            return tp_fail(x->err, TP_EINVAL, "%s:%zu: %s%sexpected a key name, got %s", x->file, line_of(k),
+                           where, *where ? ": " : "", got);
+        }
+        const char *name = (const char *)k->data.scalar.value;
+        quote_text(name, k->data.scalar.length, q, sizeof q);
+        int s = sec == S_TOP ? find_section(name) : -1;
+        int id = s >= 0 ? -1 : find_key_in(sec, name);
+        if (s < 0 && id < 0) {
+            list_names(sec, names, sizeof names);
+            if (sec == S_TOP && find_dotted(name) >= 0 && strchr(name, '.'))
+                return tp_fail(x->err, TP_EINVAL,
+                               "%s:%zu: unknown key '%s' (dotted names are for --set; in the file write "
+                               "'%.*s:' and the key indented below it)",
+                               x->file, line_of(k), q, (int)(strchr(name, '.') - name), name);
+            return tp_fail(x->err, TP_EINVAL, "%s:%zu: unknown key '%s%s%s' (expected one of: %s)", x->file,
+                           line_of(k), where, *where ? "." : "", q, names);
+        }
+        size_t *seen = s >= 0 ? &x->sec_line[s] : &x->key_line[id];
+        if (*seen)
+            return tp_fail(x->err, TP_EINVAL, "%s:%zu: %s: duplicate key (first given on line %zu)", x->file,
+                           line_of(k), s >= 0 ? sec_names[s] : keys[id].dotted, *seen);
+        *seen = line_of(k);
+        if (id == KEY_LIZA_PRESET) preset_pair = (int)(p - map->data.mapping.pairs.start);
+    }
+    if (preset_pair >= 0) {
+        const yaml_node_t *v = yaml_document_get_node(x->doc, map->data.mapping.pairs.start[preset_pair].value);
+        if (!v) return tp_fail(x->err, TP_EFORMAT, "%s: broken YAML document", x->file);
+        if ((rc = apply_key(x, KEY_LIZA_PRESET, v))) return rc;
+    }
+    for (const yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top; p++) {
+        const yaml_node_t *k = yaml_document_get_node(x->doc, p->key);
+        const yaml_node_t *v = yaml_document_get_node(x->doc, p->value);
+        if (!k || !v) return tp_fail(x->err, TP_EFORMAT, "%s: broken YAML document", x->file);
+        const char *name = (const char *)k->data.scalar.value;
+        int s = sec == S_TOP ? find_section(name) : -1;
+        if (s >= 0) {
+            if ((rc = check_tag(x, sec_names[s], -1, v))) return rc;
+            if (v->type != YAML_MAPPING_NODE) {
+                list_names(s, names, sizeof names);
+                describe(v, got, sizeof got);
+                return fail_at(x, v, sec_names[s], -1, "expected a mapping of %s keys (%s), got %s", sec_names[s],
+                               names, got);
+            }
+            if ((rc = walk_mapping(x, s, v))) return rc;
+            continue;
+        }
+        int id = find_key_in(sec, name);
+        if (id == KEY_LIZA_PRESET) continue;
+        if ((rc = apply_key(x, id, v))) return rc;
+    }
+    return TP_OK;
+}
+
+/* Load the first document; a second document or a syntax error anywhere in
+ * the text is an error. *msg_line/tail describe a libyaml failure. */
+static int load_yaml(const char *buf, size_t len, yaml_document_t *doc, size_t *line, char *tail, size_t n) {
+    yaml_parser_t parser;
+    if (!yaml_parser_initialize(&parser)) { snprintf(tail, n, "out of memory"); return TP_ENOMEM; }
+    yaml_parser_set_input_string(&parser, (const unsigned char *)buf, len);
+    int rc = TP_OK;
+    if (!yaml_parser_load(&parser, doc)) {
+        rc = parser.error == YAML_MEMORY_ERROR ? TP_ENOMEM : TP_EFORMAT;
+        yaml_problem(&parser, buf, len, line, tail, n);
+        yaml_parser_delete(&parser);
+        return rc;
+    }
+    yaml_document_t more;
+    if (!yaml_parser_load(&parser, &more)) {
+        rc = parser.error == YAML_MEMORY_ERROR ? TP_ENOMEM : TP_EFORMAT;
+        yaml_problem(&parser, buf, len, line, tail, n);
+    } else {
+        const yaml_node_t *r = yaml_document_get_root_node(&more);
+        if (r) {
+            rc = TP_EFORMAT;
+            *line = r->start_mark.line + 1;
+            snprintf(tail, n, "a second YAML document starts here (one document expected)");
+        }
+        yaml_document_delete(&more);
+    }
+    if (rc) yaml_document_delete(doc);
+    yaml_parser_delete(&parser);
+    return rc;
+}
+
+int tp_train_cfg_load(const char *path, tp_train_cfg *c, tp_err *err) {
+    tp_train_cfg_default(c);
+    if (!path || !*path) return tp_fail(err, TP_EINVAL, "config: no YAML file given");
+    snprintf(c->source, sizeof c->source, "%s", path);
+    char *buf = NULL;
+    size_t len = 0;
+    int rc = tp_read_file(path, CFG_MAX_BYTES, &buf, &len, err);
+    if (rc) return rc;
+    yaml_document_t doc;
+    size_t line = 0;
+    char tail[512];
+    rc = load_yaml(buf, len, &doc, &line, tail, sizeof tail);
+    if (rc) {
+        free(buf);
+        if (rc == TP_ENOMEM) return tp_fail(err, TP_ENOMEM, "%s: out of memory reading YAML", path);
+        return tp_fail(err, rc, "%s:%zu: %s", path, line, tail);
+    }
+    ctx *x = tp_calloc(1, sizeof *x, err);
+    if (!x) {
+        yaml_document_delete(&doc);
+        free(buf);
+        return TP_ENOMEM;
+    }
+    x->c = c;
+    x->err = err;
+    x->file = path;
+    x->doc = &doc;
+    const yaml_node_t *root = yaml_document_get_root_node(&doc);
+    char got[160];
+    if (!root) {
+        rc = tp_fail(err, TP_EINVAL, "%s: the file is empty (expected a mapping of settings; see docs/config.md)",
+                     path);
+    } else if ((rc = check_tag(x, "(top level)", -1, root))) {
+        /* message set */
+    } else if (root->type != YAML_MAPPING_NODE) {
+        describe(root, got, sizeof got);
+        rc = tp_fail(err, TP_EINVAL, "%s:%zu: expected a mapping of settings at the top level, got %s", path,
+                     line_of(root), got);
+    } else {
+        rc = walk_mapping(x, S_TOP, root);
+    }
+    if (rc == TP_OK) {
+        char missing[512] = "";
+        size_t ml = 0;
+        int nmiss = 0;
+        for (int i = 0; i < NKEYS; i++)
+            if (keys[i].required && !x->key_line[i]) {
+                int w = snprintf(missing + ml, sizeof missing - ml, "%s'%s'", nmiss ? ", " : "", keys[i].dotted);
+                if (w > 0 && (size_t)w < sizeof missing - ml) ml += (size_t)w;
+                nmiss++;
+            }
+        if (nmiss)
+            rc = tp_fail(err, TP_EINVAL, "%s: missing required key%s %s", path, nmiss > 1 ? "s" : "", missing);
+    }
+    sync_preset_name(c);
+    free(x);
+    yaml_document_delete(&doc);
+    free(buf);
+    return rc;
+}
+
+/* ---- --set ------------------------------------------------------------------ */
+
+int tp_train_cfg_set(tp_train_cfg *c, const char *kv, tp_err *err) {
+    char q[64], names[512];
+    const char *eq = kv ? strchr(kv, '=') : NULL;
+    if (!eq) {
+        quote_text(kv ? kv : "", kv ? strlen(kv) : 0, q, sizeof q);
+        return tp_fail(err, TP_EINVAL, "--set '%s': expected key=value", q);
+    }
+    const char *kb = kv, *ke = eq;
+    while (kb < ke && isspace((unsigned char)*kb)) kb++;
+    while (ke > kb && isspace((unsigned char)ke[-1])) ke--;
+    char key[64];
+    quote_text(kb, (size_t)(ke - kb), key, sizeof key);
+    int id = (size_t)(ke - kb) < sizeof key ? find_dotted(key) : -1;
+    if (id < 0) {
+        const char *dot = strchr(key, '.');
+        int s = find_section(key);
+        if (s >= 0) {
+            list_names(s, names, sizeof names);
+            return tp_fail(err, TP_EINVAL, "--set %s: '%s' is a section; set one of its keys: %s.<key> with <key> "
+                           "one of: %s", key, key, key, names);
+        }
+        if (dot) {
+            char secname[64];
+            snprintf(secname, sizeof secname, "%.*s", (int)(dot - key), key);
+            s = find_section(secname);
+        }
+        list_names(s >= 0 ? s : S_TOP, names, sizeof names);
+        return tp_fail(err, TP_EINVAL, "--set %s: unknown key '%s' (expected one of: %s%s)", key, key, names,
+                       s >= 0 ? "" : "; section keys are written section.key");
+    }
+    const char *val = eq + 1;
+    int blank = 1;
+    for (const char *p = val; *p; p++) blank &= isspace((unsigned char)*p) != 0;
+    if (blank) val = "~";
+    yaml_document_t doc;
+    size_t line = 0;
+    char tail[512];
+    int rc = load_yaml(val, strlen(val), &doc, &line, tail, sizeof tail);
+    if (rc) {
+        quote_text(val, strlen(val), q, sizeof q);
+        if (rc == TP_ENOMEM) return tp_fail(err, TP_ENOMEM, "--set %s: out of memory", key);
+        return tp_fail(err, TP_EINVAL, "--set %s: cannot read the value '%s' as YAML: %s", key, q, tail);
+    }
+    ctx x = {.c = c, .err = err, .file = NULL, .doc = &doc};
+    const yaml_node_t *root = yaml_document_get_root_node(&doc);
+    if (!root) rc = tp_fail(err, TP_EINVAL, "--set %s: empty value", key); /* comment only */
+    else rc = apply_key(&x, id, root);
+    if (rc == TP_OK) sync_preset_name(c);
+    yaml_document_delete(&doc);
+    return rc;
+}
+
+/* ---- cross-field checks ------------------------------------------------- */
+
+static const char *name_of(const char *const *ch, int i) {
+    int n = 0;
+    while (ch[n]) n++;
+    return i >= 0 && i < n ? ch[i] : "?";
+}
+
+int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
+    struct stat st;
+    const tp_decoder_opts *o = &c->dec;
+    /* paths */
+    if (!c->model_path[0])
+        return tp_fail(err, TP_EINVAL, "model.path: not set (the base Hugging Face model directory)");
+    if (stat(c->model_path, &st) != 0)
+        return tp_fail(err, TP_EINVAL, "model.path: %s: no such directory", c->model_path);
+    if (!S_ISDIR(st.st_mode)) return tp_fail(err, TP_EINVAL, "model.path: %s: not a directory", c->model_path);
+    if (!c->run_dir[0]) return tp_fail(err, TP_EINVAL, "run.dir: not set (where checkpoints and metrics go)");
+    if (stat(c->run_dir, &st) == 0 && !S_ISDIR(st.st_mode))
+        return tp_fail(err, TP_EINVAL, "run.dir: %s: exists and is not a directory", c->run_dir);
+    if (strcmp(c->data.format, "tokens"))
+        return tp_fail(err, TP_EUNSUP, "data.format: '%s' is not supported yet (supported: tokens)", c->data.format);
+    if (!c->data.path[0]) return tp_fail(err, TP_EINVAL, "data.path: not set (the token file)");
+    if (stat(c->data.path, &st) != 0) return tp_fail(err, TP_EINVAL, "data.path: %s: no such file", c->data.path);
+    if (S_ISDIR(st.st_mode))
+        return tp_fail(err, TP_EINVAL, "data.path: %s: is a directory (expected a token file)", c->data.path);
+    if (c->data.seq_len < 2)
+        return tp_fail(err, TP_EINVAL, "data.seq_len must be >= 2, got %lld", (long long)c->data.seq_len);
+    if (strcmp(c->data.long_docs, "split") && strcmp(c->data.long_docs, "drop"))
+        return tp_fail(err, TP_EINVAL, "data.long_docs must be split or drop, got '%s'", c->data.long_docs);
+    /* batch */
+    if (world_size < 1) return tp_fail(err, TP_EINVAL, "world size must be >= 1, got %d", world_size);
+    if (c->global_batch < 1) {
+        if (c->global_batch == 0)
+            return tp_fail(err, TP_EINVAL, "batch.global: not set (sequences per optimizer step)");
+        return tp_fail(err, TP_EINVAL, "batch.global must be positive, got %lld", (long long)c->global_batch);
+    }
+    if (c->micro_batch < 1)
+        return tp_fail(err, TP_EINVAL, "batch.micro must be positive, got %lld", (long long)c->micro_batch);
+    if (c->global_batch % world_size != 0 || (c->global_batch / world_size) % c->micro_batch != 0)
+        return tp_fail(err, TP_EINVAL, "batch.global (%lld) must be a multiple of ranks (%d) x batch.micro (%lld)",
+                       (long long)c->global_batch, world_size, (long long)c->micro_batch);
+    /* model options */
+    if (o->trainable < TP_TRAIN_LORA || o->trainable > TP_TRAIN_ALL)
+        return tp_fail(err, TP_EINVAL, "trainable: unknown value %d", (int)o->trainable);
+    if (o->lora.r < 1 || o->lora.r > 65536)
+        return tp_fail(err, TP_EINVAL, "lora.r must be between 1 and 65536, got %d", o->lora.r);
+    if (!(isfinite(o->lora.alpha) && o->lora.alpha > 0))
+        return tp_fail(err, TP_EINVAL, "lora.alpha must be a positive number, got %g", o->lora.alpha);
+    if (!(o->lora.dropout >= 0 && o->lora.dropout < 1))
+        return tp_fail(err, TP_EINVAL, "lora.dropout must be in [0, 1), got %g", o->lora.dropout);
+    if (!o->lora.targets || (o->lora.targets >> TP_NMOD))
+        return tp_fail(err, TP_EINVAL, "lora.target_modules: empty or invalid module set (mask 0x%x)", o->lora.targets);
+    if (o->liza.order < 1 || o->liza.order > 8)
+        return tp_fail(err, TP_EINVAL, "liza.order must be between 1 and 8, got %d", o->liza.order);
+    if (o->liza.alpha_gate < TP_GATE_C || o->liza.alpha_gate > TP_GATE_KV)
+        return tp_fail(err, TP_EINVAL, "liza.alpha_gate: unknown gate %d", o->liza.alpha_gate);
+    if (o->liza.beta_gate < TP_GATE_C || o->liza.beta_gate > TP_GATE_KV)
+        return tp_fail(err, TP_EINVAL, "liza.beta_gate: unknown gate %d", o->liza.beta_gate);
+    if (o->liza.trick < TP_TRICK_DT || o->liza.trick > TP_TRICK_RDT)
+        return tp_fail(err, TP_EINVAL, "liza.trick: unknown trick %d", o->liza.trick);
+    if (o->liza.chunk < 1 || o->liza.chunk > 4096)
+        return tp_fail(err, TP_EINVAL, "liza.chunk_size must be between 1 and 4096, got %d", o->liza.chunk);
+    if (o->mag.mode < TP_MAG_CONSTANT || o->mag.mode > TP_MAG_LEARNABLE)
+        return tp_fail(err, TP_EINVAL, "mag.mode: unknown mode %d", o->mag.mode);
+    if (!(o->mag.mu0 >= 0 && o->mag.mu0 <= 1))
+        return tp_fail(err, TP_EINVAL, "mag.mu0 must be in [0, 1], got %g", o->mag.mu0);
+    if (!(o->mag.mu1 >= 0 && o->mag.mu1 <= 1))
+        return tp_fail(err, TP_EINVAL, "mag.mu1 must be in [0, 1], got %g", o->mag.mu1);
+    if (o->mag.mode == TP_MAG_LEARNABLE && !(o->mag.mu0 > 0 && o->mag.mu0 < 1))
+        return tp_fail(err, TP_EINVAL,
+                       "mag.mu0 must be strictly between 0 and 1 with mag.mode: learnable (the logit starts at "
+                       "log(mu0/(1-mu0))), got %g", o->mag.mu0);
+    if (o->mag.steps < 1)
+        return tp_fail(err, TP_EINVAL, "mag.steps must be positive, got %lld", (long long)o->mag.steps);
+    if (o->mag.period < 1)
+        return tp_fail(err, TP_EINVAL, "mag.period must be positive, got %lld", (long long)o->mag.period);
+    if (o->mag.nvalues < 1 || o->mag.nvalues > TP_MAG_MAX_VALUES)
+        return tp_fail(err, TP_EINVAL, "mag.values must hold 1 to %d numbers, got %d", TP_MAG_MAX_VALUES,
+                       o->mag.nvalues);
+    for (int i = 0; i < o->mag.nvalues; i++)
+        if (!(o->mag.values[i] >= 0 && o->mag.values[i] <= 1))
+            return tp_fail(err, TP_EINVAL, "mag.values[%d] must be in [0, 1], got %g", i, o->mag.values[i]);
+    if (o->matmul != TP_MM_F32 && o->matmul != TP_MM_BF16)
+        return tp_fail(err, TP_EINVAL, "compute.matmul: unknown backend %d", (int)o->matmul);
+    /* optimizer and schedule */
+    if (!(isfinite(c->sched.peak_lr) && c->sched.peak_lr >= 0))
+        return tp_fail(err, TP_EINVAL, "optimizer.lr must be a finite number >= 0, got %g", c->sched.peak_lr);
+    if (!(isfinite(c->sched.min_lr) && c->sched.min_lr >= 0))
+        return tp_fail(err, TP_EINVAL, "optimizer.min_lr must be a finite number >= 0, got %g", c->sched.min_lr);
+    if (c->sched.min_lr > c->sched.peak_lr)
+        return tp_fail(err, TP_EINVAL, "optimizer.min_lr (%g) must not exceed optimizer.lr (%g)", c->sched.min_lr,
+                       c->sched.peak_lr);
+    if (!(isfinite(c->weight_decay) && c->weight_decay >= 0))
+        return tp_fail(err, TP_EINVAL, "optimizer.weight_decay must be a finite number >= 0, got %g", c->weight_decay);
+    if (!isfinite(c->max_grad_norm))
+        return tp_fail(err, TP_EINVAL, "optimizer.max_grad_norm must be finite (<= 0: no clipping), got %g",
+                       c->max_grad_norm);
+    if (c->sched.total_steps < 1) {
+        if (c->sched.total_steps == 0) return tp_fail(err, TP_EINVAL, "schedule.total_steps: not set");
+        return tp_fail(err, TP_EINVAL, "schedule.total_steps must be positive, got %lld",
+                       (long long)c->sched.total_steps);
+    }
+    if (c->sched.warmup_steps < 0)
+        return tp_fail(err, TP_EINVAL, "schedule.warmup_steps must be >= 0, got %lld",
+                       (long long)c->sched.warmup_steps);
+    if (c->sched.warmup_steps > c->sched.total_steps)
+        return tp_fail(err, TP_EINVAL, "schedule.warmup_steps (%lld) > schedule.total_steps (%lld)",
+                       (long long)c->sched.warmup_steps, (long long)c->sched.total_steps);
+    if (!(c->adamw.beta1 >= 0 && c->adamw.beta1 < 1))
+        return tp_fail(err, TP_EINVAL, "optimizer.beta1 must be in [0, 1), got %g", c->adamw.beta1);
+    if (!(c->adamw.beta2 >= 0 && c->adamw.beta2 < 1))
+        return tp_fail(err, TP_EINVAL, "optimizer.beta2 must be in [0, 1), got %g", c->adamw.beta2);
+    if (!(isfinite(c->adamw.eps) && c->adamw.eps >= 0))
+        return tp_fail(err, TP_EINVAL, "optimizer.eps must be a finite number >= 0, got %g", c->adamw.eps);
+    /* the optimizer's own validators, as a backstop for what it requires */
+    int rc = tp_lr_schedule_validate(&c->sched, err);
+    if (rc) return tp_err_prefix(err, "optimizer/schedule");
+    if ((rc = tp_adamw_cfg_validate(&c->adamw, err))) return tp_err_prefix(err, "optimizer");
+    /* run housekeeping */
+    if (c->ckpt_every < 0)
+        return tp_fail(err, TP_EINVAL, "checkpoint.every must be >= 0 (0: only at the end), got %lld",
+                       (long long)c->ckpt_every);
+    if (c->ckpt_keep < 1) return tp_fail(err, TP_EINVAL, "checkpoint.keep must be >= 1, got %d", c->ckpt_keep);
+    if (c->log_every < 1)
+        return tp_fail(err, TP_EINVAL, "logging.every must be >= 1, got %lld", (long long)c->log_every);
+    if (c->max_bad_steps < 1)
+        return tp_fail(err, TP_EINVAL, "faults.max_bad_steps must be >= 1, got %d", c->max_bad_steps);
+    if (!(isfinite(c->bucket_mb) && c->bucket_mb > 0 && c->bucket_mb <= 65536))
+        return tp_fail(err, TP_EINVAL, "dist.bucket_mb must be in (0, 65536], got %g", c->bucket_mb);
+    return TP_OK;
+}
+
+/* ---- resume digest ------------------------------------------------------ */
+
+/* Integers as raw JSON text: exact for all int64 (cJSON numbers are doubles). */
+static int add_int(cJSON *o, const char *name, long long v) {
+    char b[32];
+    snprintf(b, sizeof b, "%lld", v);
+    return cJSON_AddRawToObject(o, name, b) != NULL;
+}
+
+char *tp_train_cfg_resume_json(const tp_train_cfg *c) {
+    const tp_decoder_opts *o = &c->dec;
+    cJSON *root = cJSON_CreateObject();
+    if (!root) return NULL;
+    int ok = 1;
+    /* keys in sorted order at every level */
+    cJSON *batch = cJSON_AddObjectToObject(root, "batch");
+    ok &= batch && add_int(batch, "global", (long long)c->global_batch);
+    cJSON *data = cJSON_AddObjectToObject(root, "data");
+    ok &= data && cJSON_AddStringToObject(data, "format", c->data.format) &&
+          cJSON_AddStringToObject(data, "long_docs", c->data.long_docs) &&
+          cJSON_AddStringToObject(data, "path", c->data.path) && add_int(data, "seq_len", (long long)c->data.seq_len);
+    cJSON *liza = ok ? cJSON_AddObjectToObject(root, "liza") : NULL;
+    ok &= liza && cJSON_AddStringToObject(liza, "alpha_gate", name_of(ch_gate, o->liza.alpha_gate)) &&
+          cJSON_AddBoolToObject(liza, "base_scale_attn", o->liza.base_scale_attn != 0) &&
+          cJSON_AddStringToObject(liza, "beta_gate", name_of(ch_gate, o->liza.beta_gate)) &&
+          add_int(liza, "chunk_size", o->liza.chunk) && cJSON_AddBoolToObject(liza, "enabled", o->liza.enabled != 0) &&
+          cJSON_AddBoolToObject(liza, "linear", o->liza.linear != 0) && add_int(liza, "order", o->liza.order) &&
+          cJSON_AddStringToObject(liza, "trick", name_of(ch_trick, o->liza.trick));
+    cJSON *lora = ok ? cJSON_AddObjectToObject(root, "lora") : NULL;
+    ok &= lora && cJSON_AddNumberToObject(lora, "alpha", o->lora.alpha) && add_int(lora, "r", o->lora.r) &&
+          cJSON_AddBoolToObject(lora, "rslora", o->lora.rslora != 0);
+    cJSON *tm = ok ? cJSON_AddArrayToObject(lora, "target_modules") : NULL;
+    ok &= tm != NULL;
+    for (int m = 0; ok && m < TP_NMOD; m++)
+        if ((o->lora.targets >> m) & 1) {
+            cJSON *s = cJSON_CreateString(tp_module_names[m]);
+            if (!s || !cJSON_AddItemToArray(tm, s)) { cJSON_Delete(s); ok = 0; }
+        }
+    cJSON *mag = ok ? cJSON_AddObjectToObject(root, "mag") : NULL;
+    ok &= mag && cJSON_AddBoolToObject(mag, "cross_gate", o->mag.cross_gate != 0) &&
+          cJSON_AddStringToObject(mag, "learnable_shape", name_of(ch_shape, o->mag.vector)) &&
+          cJSON_AddStringToObject(mag, "mode", name_of(ch_mag_mode, o->mag.mode));
+    cJSON *model = ok ? cJSON_AddObjectToObject(root, "model") : NULL;
+    ok &= model && cJSON_AddStringToObject(model, "path", c->model_path);
+    char seed[32];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
+    ok &= ok && cJSON_AddRawToObject(root, "seed", seed) != NULL;
+    ok &= ok && cJSON_AddStringToObject(root, "trainable", tp_trainable_name(o->trainable)) != NULL;
+    char *s = ok ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return s;
+}

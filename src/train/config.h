@@ -1,0 +1,64 @@
+/* config.h - a training run's configuration, from YAML (libyaml) plus
+ * `--set key=value` overrides. Every key, type and default is documented in
+ * docs/config.md. Errors name the file, the key and its line:
+ *   "run.yaml:12: batch.micro: expected a positive integer, got 'two'"
+ * Unknown keys, wrong types and impossible combinations are errors; nothing
+ * is silently ignored. */
+#ifndef TPTT_TRAIN_CONFIG_H
+#define TPTT_TRAIN_CONFIG_H
+
+#include <stdint.h>
+
+#include "model/decoder.h"
+#include "train/optim.h"
+#include "util/err.h"
+
+#define TP_PATH_MAX 1024
+
+typedef struct tp_data_cfg {
+    char format[16];         /* "tokens" (this issue); "text", "alpaca", "chat" later */
+    char path[TP_PATH_MAX];  /* shard file (tokens) or source file */
+    int64_t seq_len;         /* tokens per row, default 512 */
+    char long_docs[8];       /* "split" (default) or "drop": documents longer than seq_len */
+    char tokenizer[TP_PATH_MAX]; /* later formats: tokenizer dir (default: the model dir) */
+    char cache_dir[TP_PATH_MAX]; /* later formats */
+} tp_data_cfg;
+
+typedef struct tp_train_cfg {
+    char source[TP_PATH_MAX];     /* the YAML file (for messages) */
+    char model_path[TP_PATH_MAX]; /* model.path: base HF model dir (required) */
+    tp_decoder_opts dec;          /* trainable, lora.*, liza.*, mag.*, compute.*, seed */
+    int matmul_auto;              /* compute.matmul: auto */
+    tp_data_cfg data;
+    int64_t global_batch;         /* batch.global: sequences per optimizer step (required) */
+    int64_t micro_batch;          /* batch.micro: sequences per forward/backward per rank, default 1 */
+    tp_adamw_cfg adamw;           /* optimizer.beta1/beta2/eps */
+    double weight_decay;          /* optimizer.weight_decay, default 0 */
+    double max_grad_norm;         /* optimizer.max_grad_norm, default 1.0 (<= 0: no clipping) */
+    tp_lr_schedule sched;         /* optimizer.lr (peak), optimizer.min_lr, schedule.kind/warmup_steps/total_steps */
+    char run_dir[TP_PATH_MAX];    /* run.dir (required): checkpoints/, metrics.jsonl */
+    int64_t ckpt_every;           /* checkpoint.every, default 100 (0: only at the end/signal) */
+    int ckpt_keep;                /* checkpoint.keep, default 3 */
+    int64_t log_every;            /* logging.every, default 1 */
+    int max_bad_steps;            /* faults.max_bad_steps: consecutive NaN/Inf steps before abort, default 5 */
+    double bucket_mb;             /* dist.bucket_mb: allreduce bucket size, default 25 */
+    char export_dir[TP_PATH_MAX]; /* export.model_dir: write the trained model as a HF model dir at the end ("" = no) */
+} tp_train_cfg;
+
+void tp_train_cfg_default(tp_train_cfg *c);
+
+/* Parse a YAML file into c (defaults first). */
+int tp_train_cfg_load(const char *path, tp_train_cfg *c, tp_err *err);
+/* Apply one "dotted.key=value" override (value parsed as YAML scalar). */
+int tp_train_cfg_set(tp_train_cfg *c, const char *kv, tp_err *err);
+/* Cross-field checks that need the world size (global batch divisible by
+ * ranks x micro, ...). Called by the trainer after MPI_Init. */
+int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err);
+
+/* Canonical JSON of every field that makes a resume meaningless when it
+ * changes (base model, LiZA variant, LoRA rank/targets, trainable set,
+ * seq_len, data path, seed, global batch); caller frees. Its digest goes in
+ * trainer_state.json. */
+char *tp_train_cfg_resume_json(const tp_train_cfg *c);
+
+#endif

@@ -1,0 +1,90 @@
+"""Crash safety: kill a training run with SIGKILL at random moments (steps,
+checkpoint writes, start-up), resume with --resume auto until it finishes,
+and require every time that a valid checkpoint is found and that the final
+adapter equals an uninterrupted run's byte for byte. >= 20 trials."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_util as tu  # noqa: E402
+
+TRIALS = int(os.environ.get("TPTT_CRASH_TRIALS", "20"))
+
+
+def main():
+    passed = failed = 0
+    tmp = tempfile.mkdtemp(prefix="tptt-crash-")
+    rnd = random.Random(1234)
+    try:
+        model, data = os.path.join(tmp, "model"), os.path.join(tmp, "data.tok")
+        tu.make_model(model)
+        tu.make_data(data)
+        over = dict(batch__global=4, batch__micro=2, schedule__total_steps=12, checkpoint__every=1,
+                    checkpoint__keep=2)
+        ref_cfg = os.path.join(tmp, "ref.yaml")
+        tu.write_config(ref_cfg, model, data, os.path.join(tmp, "ref"), **over)
+        t0 = time.time()
+        p = tu.train(ref_cfg, ranks=0)  # plain process: easy to SIGKILL at any point
+        dur = time.time() - t0
+        if p.returncode != 0:
+            print("reference run failed:", p.stderr[-2000:])
+            print(f"test_crash_resume: 0 passed, 1 failed")
+            return 1
+        ref = tu.adapter_bytes(os.path.join(tmp, "ref"))
+        kills = resumes = 0
+        for trial in range(TRIALS):
+            run = os.path.join(tmp, f"t{trial}")
+            cfg = os.path.join(tmp, f"t{trial}.yaml")
+            tu.write_config(cfg, model, data, run, **over)
+            ok = True
+            for attempt in range(40):
+                e = dict(os.environ)
+                e.update(tu.MPI_ENV)
+                proc = subprocess.Popen([tu.TPTT, "train", cfg, "--resume", "auto"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, env=e)
+                # kill somewhere in the run (the first attempts), then let it finish
+                if attempt < 3:
+                    time.sleep(rnd.uniform(0.0, dur * 1.1))
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGKILL)
+                        kills += 1
+                _, err = proc.communicate(timeout=300)
+                if proc.returncode == 0:
+                    break
+                if proc.returncode not in (-9, 137):
+                    print(f"trial {trial}: unexpected exit {proc.returncode}: {err[-800:]}")
+                    ok = False
+                    break
+                resumes += 1
+                # whatever was killed, what --resume auto would load must verify
+                ck = os.path.join(run, "checkpoints")
+                if os.path.exists(ck):
+                    names = [n for n in os.listdir(ck) if n.startswith("step-")]
+                    for n in names:
+                        if not os.path.exists(os.path.join(ck, n, "MANIFEST")):
+                            print(f"trial {trial}: a step- directory without MANIFEST is visible: {n}")
+                            ok = False
+            else:
+                ok = False
+                print(f"trial {trial}: did not finish")
+            if ok and tu.adapter_bytes(run) == ref and tu.losses(run) == tu.losses(os.path.join(tmp, "ref")):
+                passed += 1
+            else:
+                failed += 1
+                print(f"trial {trial}: final adapter or losses differ from the uninterrupted run")
+            shutil.rmtree(run, ignore_errors=True)
+        print(f"{TRIALS} trials, {kills} SIGKILLs, {resumes} resumes; reference run {dur:.2f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"test_crash_resume: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
