@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 
@@ -24,47 +23,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
 import safetensors_np as stnp  # noqa: E402
+import testkit  # noqa: E402
 
 NAME = "test_bad_input"
 TPTT = os.environ.get("TPTT", "tptt")
 ST_TOOL = os.environ.get("TPTT_ST_TOOL", "st_tool")
 VERBOSE = bool(os.environ.get("BAD_INPUT_VERBOSE"))
 
-passed = 0
-failed = 0
-
-
-def check(cond, what, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: %s%s" % (what, (": " + detail) if detail else ""), flush=True)
-    return cond
-
-
-def run(args, timeout=60):
-    return subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout)
-
-
-def crash_reason(p):
-    err = p.stderr.decode("utf-8", "replace")
-    if p.returncode < 0:
-        return "killed by signal %d" % -p.returncode
-    if p.returncode not in (0, 1, 2):
-        return "exit code %d (98/99 = sanitizer)" % p.returncode
-    if "Sanitizer" in err or "runtime error" in err:
-        return "sanitizer report"
-    return None
+kit = testkit.Checker(NAME)
+check = kit.check
+run = kit.run
 
 
 def expect_ok(args, what):
-    p = run(args)
-    c = crash_reason(p)
-    check(p.returncode == 0 and c is None, what + ": succeeds",
-          "exit %d%s, stderr: %s" % (p.returncode, " (%s)" % c if c else "",
-                                    p.stderr.decode("utf-8", "replace").strip()[:1500]))
+    kit.succeeds(run(args), what + ": succeeds")
 
 
 def expect_error(args, what, path, keywords):
@@ -78,8 +50,7 @@ def expect_error(args, what, path, keywords):
         lines.pop()
     if VERBOSE:
         print("[%s] exit %d: %s" % (what, p.returncode, err.rstrip("\n")), flush=True)
-    c = crash_reason(p)
-    if not check(c is None, what + ": no crash", "%s; stderr: %s" % (c, err.strip()[:3000])):
+    if not kit.no_crash(p, what):
         return
     check(p.returncode == 1, what + ": exit code 1", "got %d, stderr %r" % (p.returncode, err.strip()[:300]))
     if not check(len(lines) == 1 and lines[0].strip() != "", what + ": exactly one non-empty stderr line",
@@ -453,22 +424,14 @@ def rewrite_gap(path):
 def main():
     for b in (TPTT, ST_TOOL):
         if not os.path.exists(b):
-            print("%s: binary not found: %s (set TPTT / TPTT_ST_TOOL)" % (NAME, b))
-            print("%s: 0 passed, 1 failed" % NAME)
-            return 1
+            return kit.abort("%s: binary not found: %s (set TPTT / TPTT_ST_TOOL)" % (NAME, b))
     tmp = tempfile.mkdtemp(prefix="tptt_bad_input_")
     try:
         for fn in (file_cases, model_cases):
-            try:
-                fn(tmp)
-            except Exception as e:
-                import traceback
-                traceback.print_exc()
-                check(False, "%s raised %s" % (fn.__name__, type(e).__name__), str(e))
+            kit.call(fn, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 0 if failed == 0 else 1
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
+import testkit  # noqa: E402
 import train_util as tu  # noqa: E402
 
 TRIALS = int(os.environ.get("TPTT_CRASH_TRIALS", "20"))
 
 
 def main():
-    passed = failed = 0
+    kit = testkit.Checker("test_crash_resume")
     tmp = tempfile.mkdtemp(prefix="tptt-crash-")
     rnd = random.Random(1234)
     try:
@@ -33,9 +35,7 @@ def main():
         p = tu.train(ref_cfg, ranks=0)  # plain process: easy to SIGKILL at any point
         dur = time.time() - t0
         if p.returncode != 0:
-            print("reference run failed:", p.stderr[-2000:])
-            print(f"test_crash_resume: 0 passed, 1 failed")
-            return 1
+            return kit.abort("reference run failed: " + p.stderr[-2000:])
         ref = tu.adapter_bytes(os.path.join(tmp, "ref"))
         kills = resumes = 0
         for trial in range(TRIALS):
@@ -73,17 +73,13 @@ def main():
             else:
                 ok = False
                 print(f"trial {trial}: did not finish")
-            if ok and tu.adapter_bytes(run) == ref and tu.losses(run) == tu.losses(os.path.join(tmp, "ref")):
-                passed += 1
-            else:
-                failed += 1
-                print(f"trial {trial}: final adapter or losses differ from the uninterrupted run")
+            kit.check(ok and tu.adapter_bytes(run) == ref and tu.losses(run) == tu.losses(os.path.join(tmp, "ref")),
+                      f"trial {trial}: final adapter or losses differ from the uninterrupted run")
             shutil.rmtree(run, ignore_errors=True)
         print(f"{TRIALS} trials, {kills} SIGKILLs, {resumes} resumes; reference run {dur:.2f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"test_crash_resume: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ with the pure-numpy reader in tests/py/safetensors_np.py."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -13,24 +12,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
 import safetensors_np as stnp  # noqa: E402
+import testkit  # noqa: E402
 
 TPTT = os.environ.get("TPTT", "tptt")
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", what)
+kit = testkit.Checker("test_init_inspect")
+check = kit.check
 
 
 def run(args, expect_rc=0):
-    p = subprocess.run([TPTT] + args, capture_output=True, text=True)
-    bad = "Sanitizer" in p.stderr or "runtime error" in p.stderr
-    check(p.returncode == expect_rc and not bad,
+    """Run tptt; one check: exit code expect_rc (0, 1 or 2) and no sanitizer report."""
+    p = kit.run([TPTT] + args, text=True, timeout=None)
+    check(p.returncode == expect_rc and not testkit.crashed(p),
           f"tptt {' '.join(args)}: rc {p.returncode} (want {expect_rc})\n{p.stderr}")
     return p
 
@@ -204,8 +196,7 @@ def main():
         run(["frobnicate"], expect_rc=2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"test_init_inspect: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Prints one line per case and "test_liza_autograd: N passed, N failed".
 """
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -40,6 +39,8 @@ SRC = os.environ.get("TPTT_SOURCE_DIR", os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(SRC, "tests", "py"))
 import oracle  # noqa: E402
 import safetensors_np as stnp  # noqa: E402
+import testkit  # noqa: E402
+from testkit import crashed  # noqa: E402
 
 NAME = "test_liza_autograd"
 TOOL = os.environ.get("TPTT_LIZA_TOOL", "liza_tool")
@@ -48,29 +49,13 @@ GRAD_TOL = 1e-4
 B, H, HKV, D = 2, 4, 2, 8
 GRADS = ("q", "k", "v", "beta", "log_alpha")
 
-passed = 0
-failed = 0
+kit = testkit.Checker(NAME)
+check = kit.check
 worst = {}  # class -> (error, case label)
 
 
-def check(cond, what, detail=""):
-    """Count one check; print a line for each failure."""
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: %s%s" % (what, (": " + detail) if detail else ""), flush=True)
-    return cond
-
-
 def run_tool(args):
-    return subprocess.run([TOOL] + [str(a) for a in args], capture_output=True, timeout=300)
-
-
-def crashed(p):
-    err = p.stderr.decode("utf-8", "replace")
-    return p.returncode not in (0, 1, 2) or "Sanitizer" in err or "runtime error" in err
+    return kit.run([TOOL] + list(args), timeout=300)
 
 
 def doc_starts(T):
@@ -209,8 +194,7 @@ def main():
         bad_inputs(tmp)
     print("worst: " + "  ".join("%s %.2e (%s)" % (("y" if n == "y" else "d" + n), e, lbl)
                                 for n, (e, lbl) in worst.items()))
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -12,49 +12,29 @@ error message. Last line: "test_make_shard: N passed, N failed".
 """
 import os
 import struct
-import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
+import testkit  # noqa: E402
+from testkit import crash_reason  # noqa: E402
 
 NAME = "test_make_shard"
 TPTT = os.environ.get("TPTT", "tptt")
 VERBOSE = bool(os.environ.get("MAKE_SHARD_VERBOSE"))
 
-passed = 0
-failed = 0
+kit = testkit.Checker(NAME)
+check = kit.check
 
 
-def check(cond, what, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: %s%s" % (what, (": " + detail) if detail else ""), flush=True)
-    return cond
-
-
-def run(args, timeout=60):
-    return subprocess.run([TPTT] + [str(a) for a in args], capture_output=True, timeout=timeout)
-
-
-def crash_reason(p):
-    err = p.stderr.decode("utf-8", "replace")
-    if p.returncode < 0:
-        return "killed by signal %d" % -p.returncode
-    if p.returncode not in (0, 1, 2):
-        return "exit code %d (98/99 = sanitizer)" % p.returncode
-    if "Sanitizer" in err or "runtime error" in err:
-        return "sanitizer report"
-    return None
+def run(args):
+    """Run `tptt ARGS...`."""
+    return kit.run([TPTT] + list(args))
 
 
 def expect_ok(args, what):
     p = run(args)
-    c = crash_reason(p)
-    check(p.returncode == 0 and c is None, what + ": succeeds",
-          "exit %d%s, stderr: %s" % (p.returncode, " (%s)" % c if c else "",
-                                    p.stderr.decode("utf-8", "replace").strip()[:1500]))
+    kit.succeeds(p, what + ": succeeds")
     return p.stdout.decode("utf-8", "replace")
 
 
@@ -65,8 +45,7 @@ def expect_error(args, what, names, keywords, code=1):
     err = p.stderr.decode("utf-8", "replace")
     if VERBOSE:
         print("[%s] exit %d: %s" % (what, p.returncode, err.rstrip("\n")), flush=True)
-    c = crash_reason(p)
-    check(c is None, what + ": no crash", c or "")
+    kit.no_crash(p, what)
     check(p.returncode == code, what + ": exit %d" % code, "got %d, stderr: %s" % (p.returncode, err.strip()[:500]))
     lines = err.rstrip("\n").split("\n")
     check(len(lines) == 1 and lines[0], what + ": one line on stderr", repr(err[:500]))
@@ -303,8 +282,7 @@ def main():
     for f in os.listdir(tmp):
         os.unlink(P(f))
     os.rmdir(tmp)
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

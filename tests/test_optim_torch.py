@@ -16,40 +16,26 @@ Environment: TPTT_OPTIM_TOOL (binary). Prints "N passed, N failed".
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
+import testkit  # noqa: E402
+from testkit import crashed  # noqa: E402
+
 NAME = "test_optim_torch"
 TOOL = os.environ.get("TPTT_OPTIM_TOOL", "optim_tool")
 F32 = np.float32
 
-passed = 0
-failed = 0
-
-
-def check(cond, what, detail=""):
-    """Count one check; print a line for each failure."""
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: %s%s" % (what, (": " + detail) if detail else ""), flush=True)
-    return cond
-
-
-def crashed(p):
-    err = p.stderr.decode("utf-8", "replace")
-    return p.returncode not in (0, 1, 2) or "Sanitizer" in err or "runtime error" in err
+kit = testkit.Checker(NAME)
+check = kit.check
 
 
 def run_tool(args, stdin=None, threads=2):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return subprocess.run([TOOL] + [str(a) for a in args], input=stdin, capture_output=True,
-                          timeout=300, env=env)
+    return kit.run([TOOL] + list(args), input=stdin, env=env, timeout=300)
 
 
 # ---- transformers' schedules (optimization.py), plus the min_lr floor ------
@@ -297,8 +283,7 @@ def main():
     test_schedules()
     test_adamw()
     test_errors()
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

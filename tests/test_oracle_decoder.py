@@ -48,10 +48,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
 import safetensors_np as stnp  # noqa: E402
 import oracle as O  # noqa: E402
+import testkit  # noqa: E402
 
 NAME = "test_oracle_decoder"
 TPTT = os.environ.get("TPTT", "tptt")
-passed = failed = 0
+kit = testkit.Checker(NAME)
+check = kit.check
 MLP_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 TOL = {  # compute.matmul -> (loss max-rel, logits max-rel, gradient RMS-rel)
     "f32": (1e-4, 1e-4, 1e-4),
@@ -61,23 +63,15 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 32}
 
 
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", what)
-    return cond
-
-
 def tptt(args):
+    """Run tptt (text output); returns (p, crashed). A binary that cannot be
+    started or a timeout gives exit code 127. Callers require exit 0, so
+    crashed only adds the sanitizer report check."""
     try:
-        p = subprocess.run([TPTT] + args, capture_output=True, text=True, timeout=120)
+        p = kit.run([TPTT] + args, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         p = subprocess.CompletedProcess([TPTT] + args, 127, "", "%s: %s" % (type(e).__name__, e))
-    bad = "Sanitizer" in p.stderr or "runtime error" in p.stderr
-    return p, bad
+    return p, testkit.crashed(p)
 
 
 # --------------------------------------------------------------------- cases
@@ -601,8 +595,7 @@ def main():
     p, bad = tptt(["dump", "--help"])
     if not check(p.returncode == 0 and not bad,
                  "`%s dump --help` failed (rc %d): tptt dump is not built\n%s" % (TPTT, p.returncode, p.stderr.strip())):
-        print("%s: %d passed, %d failed" % (NAME, passed, failed))
-        return 1
+        return kit.report()
     tmp = tempfile.mkdtemp(prefix="tptt-oracle-")
     totals = {}
     try:
@@ -621,8 +614,7 @@ def main():
             tl, tg, tgrad = TOL[mm]
             print("worst over %s cases (loss/logits max-rel, gradients RMS-rel; tol %g/%g/%g): %s"
                   % (mm, tl, tg, tgrad, " ".join("%s %.1e" % (k, v) for k, v in sorted(totals[mm].items()))))
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -54,20 +54,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
 import safetensors_np as stnp  # noqa: E402
 import oracle as O  # noqa: E402
+import testkit  # noqa: E402
 
 NAME = "test_oracle_selfcheck"
-passed = failed = 0
+kit = testkit.Checker(NAME)
+check = kit.check
 torch.set_default_dtype(torch.float64)
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", what)
-    return cond
 
 
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -1093,12 +1085,11 @@ def main():
               check_finite_differences, check_llama3, check_rope_relative, check_labels_loss, check_run_case,
               check_classes, check_liza_recurrence, check_liza_tricks_chunks, check_liza_naive, check_liza_packing,
               check_liza_gqa, check_mag, check_liza_finite_differences, check_liza_run_case):
-        before = failed
+        before = kit.failed
         f()
-        if failed > before:
+        if kit.failed > before:
             print("  in", f.__name__)
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

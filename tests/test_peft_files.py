@@ -27,30 +27,19 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "py"))
 import safetensors_np as st  # noqa: E402
+import testkit  # noqa: E402
 
 NAME = "test_peft_files"
 TOOL = os.environ.get("TPTT_TEST_CHECKPOINT", "./test_checkpoint")
 
-passed = 0
-failed = 0
-
-
-def check(cond, what, detail=""):
-    """Count one check; print a line for each failure."""
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: %s%s" % (what, (": " + str(detail)) if detail else ""), flush=True)
-    return cond
+kit = testkit.Checker(NAME)
+check = kit.check
 
 
 # ---- XXH64 (xxHash spec, seed 0 by default), written out -----------------------
@@ -146,7 +135,7 @@ def read_manifest(path):
 
 
 def test_checkpoint(root):
-    p = subprocess.run([TOOL], env=dict(os.environ, TPTT_PEFT_DIR=root), capture_output=True, timeout=300)
+    p = kit.run([TOOL], env=dict(os.environ, TPTT_PEFT_DIR=root), timeout=300)
     if not check(p.returncode == 0, "test_checkpoint in TPTT_PEFT_DIR mode", p.stderr.decode(errors="replace")):
         return
     base = os.path.join(root, "base")
@@ -244,8 +233,7 @@ def main():
         test_checkpoint(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

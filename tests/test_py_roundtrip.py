@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 
@@ -23,42 +22,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
 import safetensors_np as stnp  # noqa: E402
+import testkit  # noqa: E402
 
 NAME = "test_py_roundtrip"
 TPTT = os.environ.get("TPTT", "tptt")
 ST_TOOL = os.environ.get("TPTT_ST_TOOL", "st_tool")
 
-passed = 0
-failed = 0
-
-
-def check(cond, what, detail=""):
-    """Count one check; print a line for each failure."""
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL: %s%s" % (what, (": " + detail) if detail else ""), flush=True)
-    return cond
-
-
-def run(args, timeout=60):
-    """Run a binary; return CompletedProcess with text stdout/stderr."""
-    return subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout)
-
-
-def crashed(p):
-    err = p.stderr.decode("utf-8", "replace")
-    return p.returncode not in (0, 1, 2) or "Sanitizer" in err or "runtime error" in err
+kit = testkit.Checker(NAME)
+check = kit.check
 
 
 def run_ok(args, what):
-    """Run; a non-zero exit or a sanitizer report is a failure. Returns stdout text or None."""
-    p = run(args)
-    err = p.stderr.decode("utf-8", "replace")
-    if not check(p.returncode == 0 and not crashed(p), what + " succeeds",
-                 "exit %d, stderr: %s" % (p.returncode, err.strip()[:2000])):
+    """Run; a non-zero exit or a crash is a failure. Returns stdout text or None."""
+    p = kit.run(args)
+    if not kit.succeeds(p, what + " succeeds", limit=2000):
         return None
     return p.stdout.decode("utf-8")
 
@@ -462,30 +439,22 @@ def test_models(tmp):
                     want = tensors[n].astype(np.float32)
                     check(same_bits_f32(v, want), "%s: st_tool f32 %s equals Python" % (label, n),
                           first_diff(v, want))
-        p = run([TPTT, "inspect", "--json", d])
-        check(p.returncode == 0 and not crashed(p), label + ": tptt inspect succeeds",
+        p = kit.run([TPTT, "inspect", "--json", d])
+        check(p.returncode == 0 and not testkit.crashed(p), label + ": tptt inspect succeeds",
               p.stderr.decode("utf-8", "replace").strip())
 
 
 def main():
     for b in (TPTT, ST_TOOL):
         if not os.path.exists(b):
-            print("%s: binary not found: %s (set TPTT / TPTT_ST_TOOL)" % (NAME, b))
-            print("%s: 0 passed, 1 failed" % NAME)
-            return 1
+            return kit.abort("%s: binary not found: %s (set TPTT / TPTT_ST_TOOL)" % (NAME, b))
     tmp = tempfile.mkdtemp(prefix="tptt_roundtrip_")
     try:
         for t in (test_library_self, test_c_to_py, test_py_to_c, test_models):
-            try:
-                t(tmp)
-            except Exception as e:  # a harness bug or an unexpected reader error is a failure, not a crash
-                import traceback
-                traceback.print_exc()
-                check(False, "%s raised %s" % (t.__name__, type(e).__name__), str(e))
+            kit.call(t, tmp)  # a harness bug or an unexpected reader error is a failure, not a crash
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("%s: %d passed, %d failed" % (NAME, passed, failed))
-    return 0 if failed == 0 else 1
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -15,18 +15,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"))
+import testkit  # noqa: E402
 import train_util as tu  # noqa: E402
 
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", what, flush=True)
+kit = testkit.Checker("test_train_mpi")
+check = kit.check
 
 
 def ok(p, what, code=0):
@@ -190,8 +184,7 @@ def main():
         check(p.returncode == 0 and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n", f"plot: {p.stderr}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"test_train_mpi: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return kit.report()
 
 
 if __name__ == "__main__":

@@ -3,12 +3,9 @@
 #include "data/dataset.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "util/fsutil.h"
@@ -197,41 +194,20 @@ int tp_dataset_open(const char *path, int64_t seq_len, int drop_long_docs, tp_da
     *out = NULL;
     if (seq_len < 1 || seq_len > MAX_SEQ_LEN)
         return tp_fail(err, TP_EINVAL, "%s: seq_len %lld is out of range (1 .. 2^30)", path, (long long)seq_len);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: not a regular file", path);
-    }
-    if ((unsigned long long)st.st_size < SHARD_HEADER) {
-        close(fd);
-        return tp_fail(err, TP_EFORMAT, "%s: file is %lld bytes, shorter than the %u-byte token shard header", path,
-                       (long long)st.st_size, SHARD_HEADER);
-    }
-    size_t size = (size_t)st.st_size;
-    void *map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-    if (map == MAP_FAILED) {
-        int e = errno;
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: cannot mmap %zu bytes: %s", path, size, strerror(e));
-    }
-    close(fd); /* the mapping keeps the file alive */
+    const void *map;
+    size_t size;
+    int rc = tp_map_readonly(path, &map, &size, err);
+    if (rc != TP_OK) return rc; /* a file shorter than the header is reported by validate() */
     tp_dataset *d = tp_calloc(1, sizeof *d, err);
     if (!d) {
-        munmap(map, size);
+        tp_unmap(map, size);
         return TP_ENOMEM;
     }
     d->base = map;
     d->size = size;
     d->seq_len = seq_len;
     d->drop = drop_long_docs != 0;
-    int rc = (d->path = tp_strdup(path, err)) ? TP_OK : TP_ENOMEM;
+    rc = (d->path = tp_strdup(path, err)) ? TP_OK : TP_ENOMEM;
     if (rc == TP_OK) rc = validate(d, err);
     if (rc == TP_OK) rc = build_rows(d, err);
     if (rc != TP_OK) {
@@ -244,7 +220,7 @@ int tp_dataset_open(const char *path, int64_t seq_len, int drop_long_docs, tp_da
 
 void tp_dataset_close(tp_dataset *d) {
     if (!d) return;
-    if (d->base) munmap((void *)d->base, d->size);
+    tp_unmap(d->base, d->size);
     free(d->row_doc);
     free(d->row_skip);
     free(d->path);

@@ -3,12 +3,9 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <utf8proc.h>
 
@@ -317,33 +314,14 @@ done:
 
 int tp_st_open(const char *path, tp_st_file **out, tp_err *err) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: not a regular file", path);
-    }
-    size_t size = (size_t)st.st_size;
-    void *map = NULL;
-    if (size > 0) {
-        map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-        if (map == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            return tp_fail(err, TP_EIO, "%s: cannot mmap %zu bytes: %s", path, size, strerror(e));
-        }
-    }
-    close(fd); /* the mapping keeps the file alive */
+    const void *map;
+    size_t size;
+    int rc = tp_map_readonly(path, &map, &size, err);
+    if (rc != TP_OK) return rc;
     static const uint8_t empty[1];
-    int rc = tp_st_parse(path, map ? map : empty, size, out, err);
+    rc = tp_st_parse(path, map ? map : empty, size, out, err);
     if (rc != TP_OK) {
-        if (map) munmap(map, size);
+        tp_unmap(map, size);
         return rc;
     }
     (*out)->mapped = map != NULL;
@@ -352,7 +330,7 @@ int tp_st_open(const char *path, tp_st_file **out, tp_err *err) {
 
 void tp_st_close(tp_st_file *f) {
     if (!f) return;
-    if (f->mapped && f->base) munmap((void *)f->base, f->size);
+    if (f->mapped) tp_unmap(f->base, f->size);
     free(f->path);
     free(f->views);
     free(f->by_name);

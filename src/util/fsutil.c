@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -195,4 +196,39 @@ long long tp_file_size(const char *path) {
     struct stat st;
     if (stat(path, &st) != 0 || !S_ISREG(st.st_mode)) return -1;
     return (long long)st.st_size;
+}
+
+int tp_map_readonly(const char *path, const void **map, size_t *size, tp_err *err) {
+    *map = NULL;
+    *size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return tp_fail(err, TP_EIO, "%s: not a regular file", path);
+    }
+    size_t n = (size_t)st.st_size;
+    void *m = NULL;
+    if (n > 0) {
+        m = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) {
+            int e = errno;
+            close(fd);
+            return tp_fail(err, TP_EIO, "%s: cannot mmap %zu bytes: %s", path, n, strerror(e));
+        }
+    }
+    close(fd); /* the mapping keeps the file alive */
+    *map = m;
+    *size = n;
+    return TP_OK;
+}
+
+void tp_unmap(const void *map, size_t size) {
+    if (map) munmap((void *)map, size);
 }

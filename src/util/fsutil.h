@@ -53,4 +53,15 @@ int tp_exists(const char *path);
 /* Size of a regular file in bytes, or -1. */
 long long tp_file_size(const char *path);
 
+/* Map a whole regular file read-only (PROT_READ, MAP_SHARED) and close the
+ * descriptor (the mapping keeps the file alive). On success *map and *size
+ * describe the file; a zero-size file is not mapped: *map = NULL, *size = 0.
+ * On failure *map = NULL, *size = 0 and err names the file, one of
+ * "<path>: cannot open: <strerror>", "<path>: cannot stat: <strerror>",
+ * "<path>: not a regular file" or "<path>: cannot mmap <n> bytes: <strerror>"
+ * (all TP_EIO). Release with tp_unmap. */
+int tp_map_readonly(const char *path, const void **map, size_t *size, tp_err *err);
+/* Undo tp_map_readonly; a NULL map (zero-size file) is a no-op. */
+void tp_unmap(const void *map, size_t size);
+
 #endif
