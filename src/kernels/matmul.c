@@ -90,7 +90,7 @@ static const float *weight_f32(tp_matmul *mm, const tp_weight *w, tp_err *err) {
     const uint16_t *h = w->data;
     float *o = mm->wbuf;
     if (w->dtype == TP_BF16) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
         for (size_t i = 0; i < n; i++) o[i] = tp_bf16_to_f32(h[i]);
     } else {
 #pragma omp parallel for schedule(static)
@@ -165,7 +165,7 @@ static int bf16_matmul(tp_matmul *mm, int kind, const float *a, int64_t m, int64
     size_t na = (size_t)(m * k);
     if (grow((void **)&mm->abuf, &mm->acap, na * sizeof(uint16_t), err) != TP_OK) return TP_ENOMEM;
     uint16_t *ab = mm->abuf;
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < na; i++) ab[i] = tp_f32_to_bf16(a[i]);
     mm_prim *p = get_prim(mm, kind, m, k, n, accumulate, err);
     if (!p) return TP_EUNSUP;

@@ -88,7 +88,7 @@ void tp_rope_apply(float *x, int64_t n, int64_t nh, int64_t d, const int32_t *po
 }
 
 void tp_swiglu_fwd(float *h, const float *g, const float *u, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
         float s = 1.0f / (1.0f + expf(-g[i]));
         h[i] = g[i] * s * u[i];
@@ -96,7 +96,7 @@ void tp_swiglu_fwd(float *h, const float *g, const float *u, int64_t n) {
 }
 
 void tp_swiglu_bwd(float *dg, float *du, const float *dh, const float *g, const float *u, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
         float s = 1.0f / (1.0f + expf(-g[i]));
         float silu = g[i] * s;
@@ -107,7 +107,7 @@ void tp_swiglu_bwd(float *dg, float *du, const float *dh, const float *g, const 
 }
 
 void tp_add(float *y, const float *x, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) y[i] += x[i];
 }
 
