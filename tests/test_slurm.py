@@ -9,6 +9,8 @@ slurmctld, slurmd) runs jobs/train.sbatch.
 - job B: the same config and ranks, never interrupted (the reference): the
   final adapter and every loss of A must be byte-identical to B's.
 - job C: a config error (exit 2): FAILED, never requeued.
+- job D: the signal arrives while its ranks are still starting (no handler
+  yet): the batch shell holds it until they can take it; then as for A.
 - jobs/train-multinode.sbatch (srun --mpi=pmix) on the one node: finishes with
   the same adapter as B.
 
@@ -72,11 +74,12 @@ class Slurm:
                               check=check)
 
     def start(self):
-        # a reaper that stops the cluster when this process dies in any way
-        # (its stdin is our pipe; EOF = we are gone), so no daemon outlives us
-        self.reaper = subprocess.Popen(["sh", "-c", 'read x; exec "$0" stop "$1" >/dev/null 2>&1',
-                                        SLURM_LOCAL, self.dir], stdin=subprocess.PIPE,
-                                       start_new_session=True, env=self.env)
+        # a reaper that stops the cluster and removes the temporary directory
+        # when this process ends in any way (its stdin is our pipe; EOF = we
+        # are gone, even after SIGKILL), so no daemon outlives the test
+        self.reaper = subprocess.Popen(["sh", "-c", 'read x; "$0" stop "$1" >/dev/null 2>&1; rm -rf "$2"',
+                                        SLURM_LOCAL, self.dir, os.path.dirname(self.dir)],
+                                       stdin=subprocess.PIPE, start_new_session=True, env=self.env)
         p = self.run(SLURM_LOCAL, "start", self.dir, timeout=120)
         print(p.stderr.strip(), flush=True)
         return p.returncode == 0
@@ -92,8 +95,9 @@ class Slurm:
             except Exception:
                 pass
 
-    def sbatch(self, *args):
-        p = self.run("sbatch", "--parsable", *args)
+    def sbatch(self, *args, env=None):
+        e = dict(self.env, **(env or {}))
+        p = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=e, timeout=60)
         if p.returncode:
             print("sbatch failed:", p.stderr, flush=True)
             return None
@@ -193,8 +197,9 @@ def main():
             return 1
         print(f"cluster up in {time.time() - t0:.1f} s (incl. model/data)", flush=True)
         log = lambda n: os.path.join(tmp, f"{n}-%j.out")  # noqa: E731
-        common = ["--ntasks=2", "--time=10", "--chdir=" + tmp]
-        run_a, run_b, run_m = (os.path.join(tmp, n) for n in ("run-a", "run-b", "run-m"))
+        # --time above the scripts' --signal=B:USR1@600, or the warning comes at once
+        common = ["--ntasks=2", "--time=30", "--chdir=" + tmp]
+        run_a, run_b, run_m, run_d = (os.path.join(tmp, n) for n in ("run-a", "run-b", "run-m", "run-d"))
         jc = s.sbatch(*common, "--job-name=bad", "--output=" + log("bad"), SBATCH_1, bad)
         ja = s.sbatch(*common, "--job-name=interrupted", "--output=" + log("a"), SBATCH_1, cfg, run_a)
         jb = s.sbatch(*common, "--job-name=reference", "--output=" + log("b"), SBATCH_1, cfg, run_b)
@@ -202,7 +207,7 @@ def main():
             keep = True
             return 1
         deadline = time.time() + DEADLINE
-        la, lb, lc = (os.path.join(tmp, f"{n}-{j}.out") for n, j in (("a", ja), ("b", jb), ("bad", jc)))
+        la, lc = os.path.join(tmp, f"a-{ja}.out"), os.path.join(tmp, f"bad-{jc}.out")
 
         # --- the warning signal, once job A has made a few steps
         signalled_at = None
@@ -289,8 +294,37 @@ def main():
               "job C's log names the config error and says it is not requeued")
         check([r.get("JobState") for r in s.jobcomp(jc)] == ["FAILED"], "job completion log of C: one FAILED run")
 
-        # --- the multi-node script with srun --mpi=pmix, on the one node
+        # --- the multi-node script with srun --mpi=pmix, on the one node; and,
+        # meanwhile, job D: the warning signal while its ranks are still
+        # starting (a wrapper sleeps 4 s before exec'ing tptt): the batch shell
+        # must hold it until the ranks catch SIGUSR1, then requeue as for A
         jm = s.sbatch(*common, "--nodes=1", "--job-name=multinode", "--output=" + log("m"), SBATCH_N, cfg, run_m)
+        slow = os.path.join(tmp, "slow-tptt")
+        with open(slow, "w") as f:
+            f.write(f'#!/bin/sh\nsleep 4\nexec "{s.env["TPTT"]}" "$@"\n')
+        os.chmod(slow, 0o755)
+        jd = s.sbatch(*common, "--job-name=early", "--output=" + log("d"), SBATCH_1, cfg, run_d, env={"TPTT": slow})
+        held = False
+        while jd and time.time() < deadline:
+            # the batch shell logs the mpirun line once its traps are set and mpirun starts
+            if re.search(r"\] mpirun -np", read(os.path.join(tmp, f"d-{jd}.out"))):
+                held = s.run("scancel", "--batch", "--signal=USR1", jd).returncode == 0
+                break
+            if s.job(jd).get("JobState") in FINAL:
+                break
+            time.sleep(0.05)
+        check(held, "job D signalled while starting")
+        std = wait_final(s, jd, deadline) if jd else {}
+        out_d = read(os.path.join(tmp, f"d-{jd}.out"))
+        check("holding the signal" in out_d, "job D: the batch shell held the signal while the ranks started")
+        check(std.get("JobState") == "COMPLETED" and std.get("Restarts") == "1" and
+              re.search(r"checkpointed at step \d+, exiting with code 3", out_d) is not None,
+              f"job D checkpointed, requeued once and COMPLETED, got {std.get('JobState')} / {std.get('Restarts')}")
+        try:
+            same = tu.adapter_bytes(run_d) == tu.adapter_bytes(run_b)
+        except OSError:
+            same = False
+        check(same, "job D's final adapter equals the uninterrupted one's")
         stm = wait_final(s, jm, deadline) if jm else {}
         out_m = read(os.path.join(tmp, f"m-{jm}.out"))
         check(stm.get("JobState") == "COMPLETED" and "srun --mpi=pmix" in out_m and
@@ -310,6 +344,10 @@ def main():
         for line in out_a.splitlines():
             if not line.startswith(("step ", "checkpoint:", "platform:")) and line.strip():
                 print("   ", line)
+        print(f"--- job {jd} (signalled while starting), batch script lines:")
+        for line in out_d.splitlines():
+            if line.startswith("[tptt-job") or "signal received" in line:
+                print("   ", line)
         print(f"--- total {time.time() - t0:.1f} s", flush=True)
         if failed:
             keep = True
@@ -325,7 +363,7 @@ def main():
                 print(f"--- {n} (tail):\n" + read(os.path.join(s.dir, "log", n))[-3000:])
         s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"test_slurm: {passed} passed, {failed} failed")
+        print(f"test_slurm: {passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
 
 

@@ -50,6 +50,7 @@ int tp_cmd_train(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
+    tp_train_install_signals();
     tp_dist d;
     tp_err err = {0};
     if (tp_dist_init(&argc, &argv, &d, &err)) return tp_cli_error(err.msg);

@@ -22,6 +22,14 @@ static volatile sig_atomic_t g_stop_signal = 0;
 
 static void on_signal(int sig) { g_stop_signal = sig; }
 
+void tp_train_install_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
 static double now_s(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -383,11 +391,7 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
         teardown(&R);
         return TP_EXIT_ERROR;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    tp_train_install_signals(); /* normally done by cmd_train before MPI_Init already */
     if (d->rank == 0) {
         tp_err e2;
         char path[TP_PATH_MAX + 32];
@@ -413,11 +417,22 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
     }
     R.t_start = now_s();
     R.step_start = R.step;
+    /* a warning signal during start-up (model mapping, resume): checkpoint
+     * the state we have and leave at once rather than start a step */
+    if (rc == TP_OK && tp_dist_max_int(g_stop_signal != 0)) {
+        rc = save(&R, tp_lr_at(&cfg->sched, R.step), &err);
+        if (rc == TP_OK) {
+            if (d->rank == 0)
+                fprintf(stderr, "tptt: signal received during start-up: checkpointed at step %lld, exiting with code 3\n",
+                        (long long)R.step);
+            exit_code = TP_EXIT_CHECKPOINTED;
+        }
+    }
     /* test hook: behave as if SIGUSR1 arrived during step N (tests need a
      * deterministic stop point; real signals are tested too) */
     long long stop_at = getenv("TPTT_TEST_STOP_AT_STEP") ? atoll(getenv("TPTT_TEST_STOP_AT_STEP")) : -1;
     double lr = 0;
-    while (rc == TP_OK && R.step < cfg->sched.total_steps) {
+    while (rc == TP_OK && exit_code == TP_EXIT_FINISHED && R.step < cfg->sched.total_steps) {
         double loss, gnorm, t0 = now_s();
         int skipped;
         int64_t toks;

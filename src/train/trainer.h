@@ -25,4 +25,9 @@ enum { TP_EXIT_FINISHED = 0, TP_EXIT_ERROR = 1, TP_EXIT_USAGE = 2, TP_EXIT_CHECK
  * the same step), or the path of a checkpoint directory. */
 int tp_train_run(const tp_train_cfg *cfg, const char *resume, const tp_dist *d);
 
+/* SIGUSR1/SIGTERM only set a flag (checked at step boundaries). Called first
+ * thing by `tptt train`, before MPI_Init, so a warning signal during start-up
+ * cannot kill a rank. */
+void tp_train_install_signals(void);
+
 #endif
