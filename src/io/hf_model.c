@@ -175,9 +175,3 @@ void tp_hf_close(tp_hf_model *m) {
     free(m->dir);
     free(m);
 }
-
-const tp_tensor_view *tp_hf_weight(const tp_hf_model *m, tp_weight_kind kind, int layer) {
-    for (size_t i = 0; i < m->nweights; i++)
-        if (m->desc[i].kind == kind && m->desc[i].layer == layer) return m->views[i];
-    return NULL;
-}

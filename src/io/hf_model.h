@@ -3,8 +3,8 @@
  * Reads config.json, then model.safetensors or the shards named by
  * model.safetensors.index.json, maps every shard read-only and checks that
  * every tensor the config implies is present with the right shape and a
- * supported dtype. After a successful open, tp_hf_weight() never fails for a
- * tensor the model has.
+ * supported dtype. After a successful open, views[i] holds desc[i] for every
+ * expected tensor.
  *
  * Ownership: the tp_hf_model owns its maps; views stay valid until
  * tp_hf_close(). */
@@ -30,9 +30,5 @@ typedef struct tp_hf_model {
 
 int tp_hf_open(const char *dir, tp_hf_model **out, tp_err *err);
 void tp_hf_close(tp_hf_model *m);
-
-/* The view of a weight (layer -1 for non-layer tensors); NULL if the model has
- * none of that kind (e.g. lm_head when tied, biases without qkv_bias). */
-const tp_tensor_view *tp_hf_weight(const tp_hf_model *m, tp_weight_kind kind, int layer);
 
 #endif

@@ -11,17 +11,31 @@ double tp_liza_dt_coef(int m, int i) {
     return ldexp(i % 2 ? -binom : binom, -m);
 }
 
+/* Chunks of C real tokens in one row, counted per document. */
+static int64_t row_chunks(const int32_t *ds, int64_t T, int64_t C) {
+    int64_t n = 0;
+    for (int64_t s = 0; s < T;) {
+        int64_t e = s + 1;
+        while (e < T && ds[e] == ds[s]) e++;
+        n += (e - s + C - 1) / C;
+        s = e;
+    }
+    return n;
+}
+
+/* Prefix sums of row_chunks over the rows (B + 1 entries, caller frees):
+ * row b's states start at base[b] * Hkv. NULL when out of memory. */
+static int64_t *row_bases(const tp_liza_dims *s, int64_t C, const int32_t *doc_start) {
+    int64_t *base = malloc((size_t)(s->B + 1) * sizeof *base);
+    if (!base) return NULL;
+    base[0] = 0;
+    for (int64_t b = 0; b < s->B; b++) base[b + 1] = base[b] + row_chunks(doc_start + b * s->T, s->T, C);
+    return base;
+}
+
 size_t tp_liza_state_count(const tp_liza_dims *s, const tp_liza_cfg *c, const int32_t *doc_start) {
     size_t n = 0;
-    for (int64_t b = 0; b < s->B; b++) {
-        const int32_t *ds = doc_start + b * s->T;
-        for (int64_t t = 0; t < s->T;) {
-            int64_t e = t + 1;
-            while (e < s->T && ds[e] == ds[t]) e++;
-            n += (size_t)((e - t + c->chunk - 1) / c->chunk);
-            t = e;
-        }
-    }
+    for (int64_t b = 0; b < s->B; b++) n += (size_t)row_chunks(doc_start + b * s->T, s->T, c->chunk);
     return n * (size_t)s->Hkv;
 }
 

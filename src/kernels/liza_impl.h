@@ -199,27 +199,13 @@ static void SFX(phi_bwd)(REAL *out, const REAL *S, const REAL *dphi, int64_t d) 
     }
 }
 
-/* chunk count of row b and, optionally, visit documents */
-static int64_t SFX(row_chunks)(const int32_t *ds, int64_t T, int64_t C) {
-    int64_t n = 0;
-    for (int64_t s = 0; s < T;) {
-        int64_t e = s + 1;
-        while (e < T && ds[e] == ds[s]) e++;
-        n += (e - s + C - 1) / C;
-        s = e;
-    }
-    return n;
-}
-
 int SFX(tp_liza_fwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q, const REAL *k, const REAL *v,
                      const REAL *beta, const REAL *log_alpha, const int32_t *doc_start, REAL *y, REAL *states,
                      tp_err *err) {
     int64_t B = sd->B, T = sd->T, Hkv = sd->Hkv, d = sd->d, C = c->chunk, n = c->order;
     if (d > 512) return tp_fail(err, TP_EUNSUP, "liza: head_dim %lld is larger than 512", (long long)d);
-    int64_t *base = malloc((size_t)(B + 1) * sizeof *base);
+    int64_t *base = row_bases(sd, C, doc_start);
     if (!base) return tp_fail(err, TP_ENOMEM, "liza: out of memory");
-    base[0] = 0;
-    for (int64_t b = 0; b < B; b++) base[b + 1] = base[b] + SFX(row_chunks)(doc_start + b * T, T, C);
     int fail = 0;
 #pragma omp parallel reduction(| : fail)
     {
@@ -382,10 +368,8 @@ int SFX(tp_liza_bwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q
                      const REAL *dy, REAL *dq, REAL *dk, REAL *dv, REAL *dbeta, REAL *dlog_alpha, tp_err *err) {
     int64_t B = sd->B, T = sd->T, Hkv = sd->Hkv, d = sd->d, C = c->chunk, n = c->order, ld = Hkv * d;
     if (d > 512) return tp_fail(err, TP_EUNSUP, "liza: head_dim %lld is larger than 512", (long long)d);
-    int64_t *base = malloc((size_t)(B + 1) * sizeof *base);
+    int64_t *base = row_bases(sd, C, doc_start);
     if (!base) return tp_fail(err, TP_ENOMEM, "liza: out of memory");
-    base[0] = 0;
-    for (int64_t b = 0; b < B; b++) base[b + 1] = base[b] + SFX(row_chunks)(doc_start + b * T, T, C);
     REAL *dla = log_alpha ? dlog_alpha : NULL;
     int fail = 0;
 #pragma omp parallel reduction(| : fail)
