@@ -48,20 +48,25 @@ void tp_strbuf_printf(tp_strbuf *s, const char *fmt, ...) {
     s->len += (size_t)n;
 }
 
-void tp_strbuf_json_string(tp_strbuf *s, const char *str) {
+void tp_strbuf_json_string(tp_strbuf *s, const char *str) { tp_strbuf_json_stringn(s, str, strlen(str)); }
+
+void tp_strbuf_json_stringn(tp_strbuf *s, const char *str, size_t n) {
     tp_strbuf_puts(s, "\"");
-    for (const unsigned char *p = (const unsigned char *)str; *p; p++) {
+    const unsigned char *p = (const unsigned char *)str, *end = p + n, *run = p;
+    for (; p < end; p++) {
+        if (*p >= 0x20 && *p != '"' && *p != '\\') continue;
+        tp_strbuf_putn(s, (const char *)run, (size_t)(p - run));
+        run = p + 1;
         switch (*p) {
         case '"': tp_strbuf_puts(s, "\\\""); break;
         case '\\': tp_strbuf_puts(s, "\\\\"); break;
         case '\n': tp_strbuf_puts(s, "\\n"); break;
         case '\t': tp_strbuf_puts(s, "\\t"); break;
         case '\r': tp_strbuf_puts(s, "\\r"); break;
-        default:
-            if (*p < 0x20) tp_strbuf_printf(s, "\\u%04x", *p);
-            else tp_strbuf_putn(s, (const char *)p, 1);
+        default: tp_strbuf_printf(s, "\\u%04x", *p);
         }
     }
+    tp_strbuf_putn(s, (const char *)run, (size_t)(p - run));
     tp_strbuf_puts(s, "\"");
 }
 

@@ -27,6 +27,8 @@ void tp_strbuf_putn(tp_strbuf *s, const char *str, size_t n);
 void tp_strbuf_printf(tp_strbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Append str as a quoted JSON string with escapes. */
 void tp_strbuf_json_string(tp_strbuf *s, const char *str);
+/* Same for str[0..n), which may contain NUL (written as \u0000). */
+void tp_strbuf_json_stringn(tp_strbuf *s, const char *str, size_t n);
 
 /* "<path>.tmp.<pid>" (caller frees). */
 char *tp_tmp_name(const char *path, tp_err *err);
