@@ -128,6 +128,44 @@ for g, w, t in zip(got, want, texts):
         break
 eq(agree, len(texts), "mistral: C encoder == Python merge loop on %d random strings" % len(texts))
 
+# Metaspace pre-tokenizer (Mistral v0.3 / Llama 2 legacy=false style) on the same
+# vocabulary: prepend_scheme "first" adds ▁ unless the text already starts with
+# one (a leading space), so encode(" x") == legacy encode("x"). split: true cuts
+# before every ▁ (HF's MergedWithNext), so runs of spaces no longer merge: it
+# agrees with the legacy pipeline only on texts without "  ".
+plain = [t for t in texts if t[:1].isalpha() and "<" not in t and "▁" not in t] + ["Hello world", "a  b", "x\ny"]
+lead = [" " + t for t in plain[:40]]
+legacy = encode(os.path.join(FIX, "mistral"), plain)
+single = [i for i, t in enumerate(plain) if "  " not in t]
+check(len(single) > 20, "enough texts without double spaces (%d)" % len(single))
+tmpm = tempfile.mkdtemp(prefix="tptt-meta-")
+try:
+    for split in (False, True):
+        j = json.loads(json.dumps(mj))
+        j["normalizer"] = None
+        j["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": split}
+        j["decoder"] = {"type": "Sequence", "decoders": [{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
+                                                          "split": split}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+        d = os.path.join(tmpm, "split%d" % split)
+        os.makedirs(d)
+        json.dump(j, open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8"))
+        shutil.copy(os.path.join(FIX, "mistral", "tokenizer_config.json"), d)
+        got = encode(d, plain)
+        idx = single if split else range(len(plain))
+        eq(sum(got[i] == legacy[i] for i in idx), len(idx),
+           "Metaspace(first, split=%s) == Prepend+Replace on %d texts" % (split, len(idx)))
+        got = encode(d, lead)
+        eq(sum(got[i] == legacy[i] for i in range(len(lead)) if i in idx), sum(1 for i in range(len(lead)) if i in idx),
+           "Metaspace(first, split=%s): a leading space is the prefix" % split)
+        if split:
+            eq(encode(d, ["a  b"]), [[264, 28705, 287]], "Metaspace(split=true): '  ' is cut into ▁ | ▁b")
+        eq(encode(d, ["<s>Hello", "Hello<s>Hello"]), [[1, 16230], [22557, 1, 16230]],
+           "Metaspace(first): no ▁ prepended after a special token")
+        back = decode(d, legacy)
+        eq(sum(b == t for b, t in zip(back, plain)), len(plain), "Metaspace decoder: decode(encode(x)) == x")
+finally:
+    shutil.rmtree(tmpm)
+
 # ---- 3. robustness -----------------------------------------------------------
 mis, qwen = os.path.join(FIX, "mistral"), os.path.join(FIX, "qwen3")
 
