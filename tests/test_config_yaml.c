@@ -102,6 +102,20 @@ static void make_full_yaml(void) {
              "  long_docs: drop\n"
              "  tokenizer: /tok\n"
              "  cache_dir: \"/cache dir\"\n"
+             "  packing: pad\n"
+             "  bad_records: abort\n"
+             "  text_field: body\n"
+             "  txt_unit: paragraph\n"
+             "  add_bos: false\n"
+             "  add_eos: false\n"
+             "  alpaca:\n"
+             "    prompt: \"Q: {instruction} / {input}\\nA: \"\n"
+             "    prompt_no_input: 'Q: {instruction}'\n"
+             "  chat:\n"
+             "    system: \"[S]{content}\"\n"
+             "    user: |\n"
+             "      [U]{content}\n"
+             "    assistant: \"[A]{content}</s>\"\n"
              "batch:\n"
              "  global: 32\n"
              "  micro: 2\n"
@@ -154,6 +168,13 @@ static void check_full(const tp_train_cfg *c) {
     CHECK(!strcmp(c->data.format, "tokens") && !strcmp(c->data.path, data_file));
     CHECK(c->data.seq_len == 1024 && !strcmp(c->data.long_docs, "drop"));
     CHECK(!strcmp(c->data.tokenizer, "/tok") && !strcmp(c->data.cache_dir, "/cache dir"));
+    CHECK(!strcmp(c->data.packing, "pad") && !strcmp(c->data.bad_records, "abort"));
+    CHECK(!strcmp(c->data.text_field, "body") && !strcmp(c->data.txt_unit, "paragraph"));
+    CHECK(!strcmp(c->data.add_bos, "false") && c->data.add_eos == 0);
+    CHECK_MSG(!strcmp(c->data.alpaca_prompt, "Q: {instruction} / {input}\nA: "), "%s", c->data.alpaca_prompt);
+    CHECK(!strcmp(c->data.alpaca_prompt_no_input, "Q: {instruction}"));
+    CHECK(!strcmp(c->data.chat_system, "[S]{content}") && !strcmp(c->data.chat_user, "[U]{content}\n"));
+    CHECK(!strcmp(c->data.chat_assistant, "[A]{content}</s>"));
     CHECK(c->global_batch == 32 && c->micro_batch == 2);
     CHECK(c->sched.peak_lr == 1e-3 && c->sched.min_lr == 1e-5 && c->weight_decay == 0.01);
     CHECK(c->adamw.beta1 == 0.8 && c->adamw.beta2 == 0.95 && c->adamw.eps == 1e-6);
@@ -182,6 +203,20 @@ static void test_defaults(void) {
     CHECK(c.matmul_auto == 1 && o->recompute == 0);
     CHECK(!strcmp(c.data.format, "tokens") && c.data.seq_len == 512 && !strcmp(c.data.long_docs, "split"));
     CHECK(c.data.tokenizer[0] == 0 && c.data.cache_dir[0] == 0);
+    CHECK(!strcmp(c.data.packing, "pack") && !strcmp(c.data.bad_records, "skip"));
+    CHECK(!strcmp(c.data.text_field, "text") && !strcmp(c.data.txt_unit, "line"));
+    CHECK(!strcmp(c.data.add_bos, "auto") && c.data.add_eos == 1);
+    /* the Stanford Alpaca prompts and ChatML, written out here independently */
+    CHECK(!strcmp(c.data.alpaca_prompt,
+                  "Below is an instruction that describes a task, paired with an input that provides further context. "
+                  "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                  "### Input:\n{input}\n\n### Response:\n"));
+    CHECK(!strcmp(c.data.alpaca_prompt_no_input,
+                  "Below is an instruction that describes a task. Write a response that appropriately completes the "
+                  "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"));
+    CHECK(!strcmp(c.data.chat_system, "<|im_start|>system\n{content}<|im_end|>\n"));
+    CHECK(!strcmp(c.data.chat_user, "<|im_start|>user\n{content}<|im_end|>\n"));
+    CHECK(!strcmp(c.data.chat_assistant, "<|im_start|>assistant\n{content}<|im_end|>\n"));
     CHECK(c.global_batch == 0 && c.micro_batch == 1);
     CHECK(c.sched.peak_lr == 2e-4 && c.sched.min_lr == 0 && c.weight_decay == 0);
     CHECK(c.adamw.beta1 == 0.9 && c.adamw.beta2 == 0.999 && c.adamw.eps == 1e-8 && c.max_grad_norm == 1.0);
@@ -344,7 +379,22 @@ static const err_case err_cases[] = {
     {BASE "checkpoint:\n  every: -5\n", 12, {"checkpoint.every: expected a non-negative integer, got '-5'"}},
     {BASE "dist:\n  bucket_mb: 0\n", 12, {"dist.bucket_mb: expected a number in (0, 65536], got '0'"}},
     {"data:\n  seq_len: 1\n", 2, {"data.seq_len: expected an integer in [2, 16777216], got '1'"}},
-    {"data:\n  format: text\n", 2, {"data.format: expected tokens (the only value supported so far), got 'text'"}},
+    {"data:\n  format: json\n", 2, {"data.format: expected tokens, text, alpaca or chat, got 'json'"}},
+    {"data:\n  packing: fill\n", 2, {"data.packing: expected pack or pad, got 'fill'"}},
+    {"data:\n  bad_records: warn\n", 2, {"data.bad_records: expected skip or abort, got 'warn'"}},
+    {"data:\n  txt_unit: page\n", 2, {"data.txt_unit: expected line, paragraph or document, got 'page'"}},
+    {"data:\n  add_bos: yes\n", 2, {"data.add_bos: expected auto, true or false, got 'yes'"}},
+    {"data:\n  add_eos: 1\n", 2, {"data.add_eos: expected true or false, got '1'"}},
+    {"data:\n  text_field: \"\"\n", 2, {"data.text_field: expected a non-empty string, got"}},
+    {"data:\n  alpaca:\n    prompt: ~\n", 3, {"data.alpaca.prompt: expected a non-empty string, got null"}},
+    {"data:\n  alpaca:\n    prompt: [a]\n", 3, {"data.alpaca.prompt: expected a non-empty string, got a list"}},
+    {"data:\n  alpaca:\n    promt: x\n", 3,
+     {"unknown key 'data.alpaca.promt' (expected one of: prompt, prompt_no_input)"}},
+    {"data:\n  alpaca: x\n", 2,
+     {"data.alpaca: expected a mapping of data.alpaca keys (prompt, prompt_no_input), got 'x'"}},
+    {"data:\n  chat: {user: a, user: b}\n", 2, {"data.chat.user: duplicate key"}},
+    {"data:\n  foo: 1\n", 2, {"unknown key 'data.foo' (expected one of:", "add_eos, alpaca, chat)"}},
+    {"alpaca:\n  prompt: x\n", 1, {"unknown key 'alpaca'"}},
     {"data:\n  long_docs: truncate\n", 2, {"data.long_docs: expected split or drop, got 'truncate'"}},
     {BASE "mag:\n  values: [0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]\n", 12,
      {"mag.values[32]: expected at most 32 values"}},
@@ -460,6 +510,12 @@ static void test_set(void) {
     if (set_ok(&c, "data.path='/a b/c.tok'")) CHECK(!strcmp(c.data.path, "/a b/c.tok"));
     if (set_ok(&c, "data.tokenizer=/tok")) CHECK(!strcmp(c.data.tokenizer, "/tok"));
     if (set_ok(&c, "data.tokenizer=")) CHECK(c.data.tokenizer[0] == 0);
+    if (set_ok(&c, "data.format=chat")) CHECK(!strcmp(c.data.format, "chat"));
+    if (set_ok(&c, "data.packing=pad")) CHECK(!strcmp(c.data.packing, "pad"));
+    if (set_ok(&c, "data.add_bos=true")) CHECK(!strcmp(c.data.add_bos, "true"));
+    if (set_ok(&c, "data.alpaca.prompt=\"{instruction}|{input}\\n\""))
+        CHECK(!strcmp(c.data.alpaca_prompt, "{instruction}|{input}\n"));
+    if (set_ok(&c, "data.chat.assistant=<A>{content}</A>")) CHECK(!strcmp(c.data.chat_assistant, "<A>{content}</A>"));
     if (set_ok(&c, "seed=9223372036854775807")) CHECK(c.dec.seed == 9223372036854775807ull);
     if (set_ok(&c, "trainable=all")) CHECK(c.dec.trainable == TP_TRAIN_ALL);
     if (set_ok(&c, "optimizer.max_grad_norm=0")) CHECK(c.max_grad_norm == 0);
@@ -481,7 +537,11 @@ static void test_set(void) {
     set_err(&c, "model.path=", "--set model.path: ", "expected a non-empty path");
     set_err(&c, "model.path={a: b}", "--set model.path: ", "got a mapping");
     set_err(&c, "seed=1\n---\n2", "--set seed: ", "second YAML document");
-    set_err(&c, "data.format=chat", "--set data.format: ", "expected tokens");
+    set_err(&c, "data.format=json", "--set data.format: ", "expected tokens, text, alpaca or chat, got 'json'");
+    set_err(&c, "data.alpaca.promt=x", "--set data.alpaca.promt: ",
+            "unknown key 'data.alpaca.promt' (expected one of: prompt, prompt_no_input)");
+    set_err(&c, "data.chat=x", "--set data.chat: ", "is a section");
+    set_err(&c, "data.chat.user=", "--set data.chat.user: ", "expected a non-empty string");
     CHECK_MSG(!memcmp(&before, &c, sizeof c), "a failed --set changed the configuration");
     tp_err err = {0};
     CHECK(tp_train_cfg_set(&c, NULL, &err) != TP_OK && err.msg[0]);
@@ -564,8 +624,39 @@ static void test_check(void) {
     check_err(&c, 1, need);
     c = base; snprintf(c.data.path, sizeof c.data.path, "%s", model_dir);
     check_err(&c, 1, "is a directory");
-    c = base; snprintf(c.data.format, sizeof c.data.format, "text");
-    check_err(&c, 1, "data.format: 'text' is not supported yet (supported: tokens)");
+    c = base; snprintf(c.data.format, sizeof c.data.format, "json");
+    check_err(&c, 1, "data.format must be tokens, text, alpaca or chat, got 'json'");
+    c = base; snprintf(c.data.packing, sizeof c.data.packing, "x");
+    check_err(&c, 1, "data.packing must be pack or pad");
+    /* text formats: templates need their placeholders */
+    tp_train_cfg_default(&c);
+    snprintf(c.model_path, sizeof c.model_path, "%s", model_dir);
+    snprintf(c.run_dir, sizeof c.run_dir, "%s", run_dir);
+    snprintf(c.data.path, sizeof c.data.path, "%s", data_file);
+    c.global_batch = 4;
+    c.sched.total_steps = 3;
+    tp_train_cfg t = c;
+    for (int f = 0; f < 3; f++) {
+        snprintf(t.data.format, sizeof t.data.format, "%s", f == 0 ? "text" : f == 1 ? "alpaca" : "chat");
+        rc = tp_train_cfg_check(&t, 1, &err);
+        CHECK_MSG(rc == TP_OK, "%s: %s", t.data.format, err.msg);
+    }
+    snprintf(c.data.format, sizeof c.data.format, "alpaca"); /* templates are checked for every text format */
+    t = c; snprintf(t.data.alpaca_prompt, sizeof t.data.alpaca_prompt, "{instruction} and no input");
+    check_err(&t, 1, "data.alpaca.prompt: the template must contain {input} exactly once, found 0");
+    t = c; snprintf(t.data.alpaca_prompt, sizeof t.data.alpaca_prompt, "{instruction}{input}{instruction}");
+    check_err(&t, 1, "data.alpaca.prompt: the template must contain {instruction} exactly once, found 2");
+    t = c; snprintf(t.data.alpaca_prompt_no_input, sizeof t.data.alpaca_prompt_no_input, "{instruction}{input}");
+    check_err(&t, 1, "data.alpaca.prompt_no_input: the template must not contain {input}");
+    t = c; snprintf(t.data.chat_user, sizeof t.data.chat_user, "user: {Content}");
+    check_err(&t, 1, "data.chat.user: the template must contain {content} exactly once, found 0");
+    t = c; snprintf(t.data.chat_assistant, sizeof t.data.chat_assistant, "{content}{content}");
+    check_err(&t, 1, "data.chat.assistant: the template must contain {content} exactly once, found 2");
+    t = c; t.data.text_field[0] = 0;
+    check_err(&t, 1, "data.text_field: empty");
+    t = c; snprintf(t.data.format, sizeof t.data.format, "text"); t.model_path[0] = 0;
+    rc = tp_train_cfg_check_data(&t, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "data.tokenizer: not set and no model.path"), "%s", err.msg);
     c = base; c.data.seq_len = 1;
     check_err(&c, 1, "data.seq_len must be >= 2, got 1");
     c = base; snprintf(c.data.long_docs, sizeof c.data.long_docs, "x");
@@ -616,7 +707,11 @@ static void test_resume_json(void) {
                           "optimizer.weight_decay=0", "run.dir=/elsewhere", "dist.bucket_mb=1",
                           "faults.max_bad_steps=9", "compute.matmul=f32",   "compute.recompute=false",
                           "mag.mu0=0.9",           "export.model_dir=/x",   "batch.micro=4",
-                          "lora.dropout=0.2"};
+                          "lora.dropout=0.2",      "data.cache_dir=/c",     "data.bad_records=skip",
+                          /* format tokens: the text options do not matter */
+                          "data.tokenizer=/t2",    "data.add_bos=true",     "data.add_eos=true",
+                          "data.alpaca.prompt='{instruction}{input}'",     "data.chat.user=u{content}",
+                          "data.text_field=t",     "data.txt_unit=line"};
     for (size_t i = 0; i < sizeof same / sizeof *same; i++) {
         tp_train_cfg c = a;
         set_ok(&c, same[i]);
@@ -632,7 +727,7 @@ static void test_resume_json(void) {
                             "liza.order=1",      "liza.alpha_gate=c",   "liza.beta_gate=k",
                             "liza.trick=dt",     "liza.linear=true",    "liza.chunk_size=64",
                             "liza.base_scale_attn=false", "mag.mode=constant", "mag.learnable_shape=scalar",
-                            "mag.cross_gate=false"};
+                            "mag.cross_gate=false", "data.packing=pack",  "data.format=text"};
     for (size_t i = 0; i < sizeof differ / sizeof *differ; i++) {
         tp_train_cfg c = a;
         set_ok(&c, differ[i]);
@@ -648,13 +743,43 @@ static void test_resume_json(void) {
     set_ok(&d, "batch.global=8");
     char *jd = tp_train_cfg_resume_json(&d);
     const char *want =
-        "{\"batch\":{\"global\":8},\"data\":{\"format\":\"tokens\",\"long_docs\":\"split\",\"path\":\"/d.tok\","
+        "{\"batch\":{\"global\":8},\"data\":{\"format\":\"tokens\",\"long_docs\":\"split\",\"packing\":\"pack\","
+        "\"path\":\"/d.tok\","
         "\"seq_len\":512},\"liza\":{\"alpha_gate\":\"c\",\"base_scale_attn\":false,\"beta_gate\":\"k\","
         "\"chunk_size\":64,\"enabled\":true,\"linear\":true,\"order\":1,\"trick\":\"dt\"},\"lora\":{\"alpha\":16,"
         "\"r\":8,\"rslora\":false,\"target_modules\":[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\"]},\"mag\":{"
         "\"cross_gate\":false,\"learnable_shape\":\"scalar\",\"mode\":\"constant\"},\"model\":{\"path\":\"/m\"},"
         "\"seed\":0,\"trainable\":\"lora\"}";
     CHECK_MSG(jd && !strcmp(jd, want), "resume JSON:\n%s", jd ? jd : "(null)");
+    /* text formats: every option that changes the tokens breaks a resume;
+     * the cache and the bad-record policy do not */
+    static const char *const fmts[] = {"data.format=text", "data.format=alpaca", "data.format=chat"};
+    static const char *const tdiff[3][5] = {
+        {"data.text_field=body", "data.txt_unit=document", "data.tokenizer=/t", "data.add_bos=false", "data.add_eos=false"},
+        {"data.alpaca.prompt='{instruction}:{input}'", "data.alpaca.prompt_no_input='{instruction}:'", "data.tokenizer=/t",
+         "data.add_bos=true", "data.add_eos=false"},
+        {"data.chat.system=s{content}", "data.chat.user=u{content}", "data.chat.assistant=a{content}",
+         "data.tokenizer=/t", "data.add_bos=true"}};
+    for (int f = 0; f < 3; f++) {
+        tp_train_cfg e = d;
+        set_ok(&e, fmts[f]);
+        char *je = tp_train_cfg_resume_json(&e);
+        for (int i = 0; i < 5; i++) {
+            tp_train_cfg g = e;
+            set_ok(&g, tdiff[f][i]);
+            char *j = tp_train_cfg_resume_json(&g);
+            CHECK_MSG(j && je && strcmp(j, je), "%s: %s did not change the resume JSON", fmts[f], tdiff[f][i]);
+            free(j);
+        }
+        for (int i = 0; i < 2; i++) {
+            tp_train_cfg g = e;
+            set_ok(&g, i ? "data.bad_records=abort" : "data.cache_dir=/elsewhere");
+            char *j = tp_train_cfg_resume_json(&g);
+            CHECK_MSG(j && je && !strcmp(j, je), "%s: cache_dir/bad_records changed the resume JSON", fmts[f]);
+            free(j);
+        }
+        free(je);
+    }
     char *doc = read_text("docs/config.md");
     CHECK_MSG(doc && has(doc, want), "docs/config.md does not show the resume JSON example");
     free(doc);

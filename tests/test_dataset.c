@@ -2,9 +2,10 @@
  *
  * - writer -> file: the bytes equal an image built here independently from
  *   the format table (with and without a label mask, empty documents);
- * - reader: every row of every packing (split/drop, many seq_len) equals a
- *   straightforward re-implementation that builds the concatenated token
- *   stream and cuts it; plus a hand-checked small example;
+ * - reader: every row of every packing (pack/pad, split/drop, many seq_len)
+ *   equals a straightforward re-implementation that builds the concatenated
+ *   token stream (pad: each document padded to a multiple of seq_len) and
+ *   cuts it; plus hand-checked small examples;
  * - every rejection on corrupted files (one-line message naming the file);
  * - writer abort/errors leave no temporary files;
  * - sampler: permutations per epoch, batches of consecutive positions, rank
@@ -161,17 +162,18 @@ static int count_entries(const char *path) {
 
 /* ---- the reference packer ------------------------------------------------
  * Build the stream of kept documents' tokens (with each token's document
- * ordinal and mask), cut it every T tokens, and derive each row's fields
- * position by position from its neighbours. */
+ * ordinal and mask; with pad, each document followed by padding up to a
+ * multiple of T, the padding a document of its own), cut it every T tokens,
+ * and derive each row's fields position by position from its neighbours. */
 
 typedef struct ref_rows {
     int64_t rows, T;
     int32_t *ids, *labels, *ds, *pos; /* rows x T */
 } ref_rows;
 
-static void ref_pack(const docset *s, int64_t T, int drop, ref_rows *out) {
+static void ref_pack(const docset *s, int64_t T, int drop, int pad, ref_rows *out) {
     size_t L = 0;
-    for (size_t d = 0; d < s->n; d++) L += s->len[d];
+    for (size_t d = 0; d < s->n; d++) L += s->len[d] + (size_t)T;
     uint32_t *st = malloc(L * 4 + 4);
     int64_t *sd = malloc(L * 8 + 8);
     uint8_t *sm = malloc(L + 1);
@@ -182,6 +184,11 @@ static void ref_pack(const docset *s, int64_t T, int drop, ref_rows *out) {
             st[k] = s->tok[d][i];
             sd[k] = (int64_t)d;
             sm[k] = s->mask[d] ? s->mask[d][i] : 1;
+        }
+        for (size_t i = s->len[d]; pad && i % (size_t)T; i++, k++) { /* padding, "document" -1-d */
+            st[k] = 0;
+            sd[k] = -1 - (int64_t)d;
+            sm[k] = 0;
         }
     }
     L = k;
@@ -224,14 +231,14 @@ static void ref_free(ref_rows *r) {
 }
 
 /* Every row of the shard at path equals the reference; returns mismatches. */
-static int compare_rows(const char *label, const char *path, const docset *s, int64_t T, int drop) {
+static int compare_rows(const char *label, const char *path, const docset *s, int64_t T, int drop, int pad) {
     ref_rows ref;
-    ref_pack(s, T, drop, &ref);
+    ref_pack(s, T, drop, pad, &ref);
     tp_dataset *d;
     tp_err err = {0};
-    int rc = tp_dataset_open(path, T, drop, &d, &err);
+    int rc = tp_dataset_open(path, T, (drop ? TP_DATA_DROP_LONG : 0) | (pad ? TP_DATA_PAD : 0), &d, &err);
     if (ref.rows == 0) {
-        CHECK_MSG(rc == TP_EINVAL, "%s T=%lld drop=%d: no rows must be refused, got %d", label, (long long)T, drop,
+        CHECK_MSG(rc == TP_EINVAL, "%s T=%lld drop=%d pad=%d: no rows must be refused, got %d", label, (long long)T, drop, pad,
                   rc);
         if (rc == TP_OK) tp_dataset_close(d);
         ref_free(&ref);
@@ -242,8 +249,8 @@ static int compare_rows(const char *label, const char *path, const docset *s, in
         ref_free(&ref);
         return 1;
     }
-    CHECK_MSG(tp_dataset_rows(d) == ref.rows, "%s T=%lld drop=%d: %lld rows, expected %lld", label, (long long)T,
-              drop, (long long)tp_dataset_rows(d), (long long)ref.rows);
+    CHECK_MSG(tp_dataset_rows(d) == ref.rows, "%s T=%lld drop=%d pad=%d: %lld rows, expected %lld", label, (long long)T,
+              drop, pad, (long long)tp_dataset_rows(d), (long long)ref.rows);
     CHECK(tp_dataset_seq_len(d) == T);
     int bad = 0;
     int32_t *ids = malloc((size_t)T * 4), *lab = malloc((size_t)T * 4), *ds = malloc((size_t)T * 4),
@@ -254,10 +261,10 @@ static int compare_rows(const char *label, const char *path, const docset *s, in
         int ok = !memcmp(ids, ref.ids + o, nb) && !memcmp(lab, ref.labels + o, nb) && !memcmp(ds, ref.ds + o, nb) &&
                  !memcmp(pos, ref.pos + o, nb);
         if (!ok && bad++ < 3)
-            fprintf(stderr, "%s T=%lld drop=%d: row %lld differs from the reference\n", label, (long long)T, drop,
+            fprintf(stderr, "%s T=%lld drop=%d pad=%d: row %lld differs from the reference\n", label, (long long)T, drop, pad,
                     (long long)r);
     }
-    CHECK_MSG(bad == 0, "%s T=%lld drop=%d: %d rows differ", label, (long long)T, drop, bad);
+    CHECK_MSG(bad == 0, "%s T=%lld drop=%d pad=%d: %d rows differ", label, (long long)T, drop, pad, bad);
     free(ids);
     free(lab);
     free(ds);
@@ -294,7 +301,8 @@ static void test_round_trip(void) {
             char label[64];
             snprintf(label, sizeof label, "mask=%d trial %d", with_mask, trial);
             for (size_t t = 0; t < sizeof Ts / sizeof *Ts; t++)
-                for (int drop = 0; drop <= 1; drop++) compare_rows(label, path, &s, Ts[t], drop);
+                for (int drop = 0; drop <= 1; drop++)
+                    for (int pad = 0; pad <= 1; pad++) compare_rows(label, path, &s, Ts[t], drop, pad);
             /* max token */
             tp_dataset *d;
             if (tp_dataset_open(path, 4, 0, &d, &err) == TP_OK) {
@@ -359,6 +367,27 @@ static void test_small_example(void) {
             CHECK_MSG(!memcmp(pos, e_pos[r], 16), "drop row %d pos", r);
         }
         tp_dataset_close(d);
+    }
+    for (int drop = 0; drop <= 1; drop++) { /* packing=pad: one document per row */
+        CHECK_MSG(tp_dataset_open(path, 4, TP_DATA_PAD | (drop ? TP_DATA_DROP_LONG : 0), &d, &err) == TP_OK, "%s",
+                  err.msg);
+        if (!d) continue;
+        static const int32_t e_ids[4][4] = {{1, 2, 3, 0}, {4, 5, 0, 0}, {6, 7, 8, 9}, {10, 0, 0, 0}};
+        static const int32_t e_lab[4][4] = {
+            {2, 3, -100, -100}, {5, -100, -100, -100}, {7, -100, 9, -100}, {-100, -100, -100, -100}};
+        static const int32_t e_ds[4][4] = {{0, 0, 0, 3}, {0, 0, 2, 2}, {0, 0, 0, 0}, {0, 1, 1, 1}};
+        static const int32_t e_pos[4][4] = {{0, 1, 2, 0}, {0, 1, 0, 1}, {0, 1, 2, 3}, {0, 0, 1, 2}};
+        int want = drop ? 2 : 4;
+        CHECK_MSG(tp_dataset_rows(d) == want, "pad drop=%d: %lld rows", drop, (long long)tp_dataset_rows(d));
+        for (int r = 0; r < want && r < tp_dataset_rows(d); r++) {
+            tp_dataset_row(d, r, ids, lab, ds, pos);
+            CHECK_MSG(!memcmp(ids, e_ids[r], 16), "pad row %d ids", r);
+            CHECK_MSG(!memcmp(lab, e_lab[r], 16), "pad row %d labels: %d %d %d %d", r, lab[0], lab[1], lab[2], lab[3]);
+            CHECK_MSG(!memcmp(ds, e_ds[r], 16), "pad row %d doc_start", r);
+            CHECK_MSG(!memcmp(pos, e_pos[r], 16), "pad row %d pos", r);
+        }
+        tp_dataset_close(d);
+        d = NULL;
     }
     /* seq_len 5: document c exactly fills a row in drop mode (kept) */
     CHECK_MSG(tp_dataset_open(path, 5, 1, &d, &err) == TP_OK, "%s", err.msg);

@@ -10,6 +10,7 @@ leaving no output or temporary file behind.
 Environment: TPTT (path to the tptt binary). MAKE_SHARD_VERBOSE=1 prints every
 error message. Last line: "test_make_shard: N passed, N failed".
 """
+import json
 import os
 import struct
 import sys
@@ -118,6 +119,32 @@ def rows_for(docs, seq_len, drop):
     return (total + seq_len - 1) // seq_len
 
 
+def ref_rows(docs, masks, T, pad, drop):
+    """Rows per docs/data.md as a `tptt dump` batch: the kept documents as one
+    stream (pad: each followed by padding to a multiple of T, a document of
+    its own), cut every T, the last row padded."""
+    st = []  # (token, document, mask)
+    for d, (doc, m) in enumerate(zip(docs, masks)):
+        if not doc or (drop and len(doc) > T):
+            continue
+        st += [(t, d, b) for t, b in zip(doc, m)]
+        while pad and len(st) % T:
+            st.append((0, -1 - d, 0))
+    while len(st) % T:
+        st.append((0, "end", 0))
+    out = {"input_ids": [], "labels": [], "doc_starts": []}
+    for r in range(len(st) // T):
+        row = st[r * T:(r + 1) * T]
+        ds = [0] * T
+        for t in range(1, T):
+            ds[t] = t if row[t][1] != row[t - 1][1] else ds[t - 1]
+        out["input_ids"].append([x[0] for x in row])
+        out["labels"].append([row[t + 1][0] if t + 1 < T and row[t + 1][1] == row[t][1] and row[t + 1][2] else -100
+                              for t in range(T)])
+        out["doc_starts"].append(sorted(set(ds)))
+    return out
+
+
 def leftovers(d):
     return [f for f in os.listdir(d) if ".part." in f or ".tmp." in f]
 
@@ -198,6 +225,28 @@ def main():
                  "rows         %d at seq_len 4 with long_docs=split, %d with long_docs=drop" % (
                      rows_for(docs, 4, False), rows_for(docs, 4, True))]:
         check(line in info, "info shows %r" % line, info)
+    pad_rows = [sum((len(d) + 3) // 4 for d in docs if d and not (drop and len(d) > 4)) for drop in (0, 1)]
+    line = "padded rows  %d with long_docs=split, %d with long_docs=drop (packing=pad)" % tuple(pad_rows)
+    check(line in info, "info shows %r" % line, info)
+    # --rows: what the trainer reads, in every packing, against the reference
+    masks = [[1, 0, 1], [1], [], [1, 0], [1] * 9]
+    for pad in (0, 1):
+        for drop in (0, 1):
+            want = ref_rows(docs, masks, 4, pad, drop)
+            n = len(want["input_ids"])
+            args = ["--packing", "pad" if pad else "pack", "--long-docs", "drop" if drop else "split"]
+            out = expect_ok(["make-shard", "--rows", "0:%d" % n, "--seq-len", "4"] + args + [P("m.tok")],
+                            "--rows pad=%d drop=%d" % (pad, drop))
+            check(out and json.loads(out) == want, "--rows pad=%d drop=%d equals the reference" % (pad, drop),
+                  "%s\nwant %s" % (out.strip(), json.dumps(want)))
+            out = expect_ok(["make-shard", "--rows", str(n - 1), "--seq-len", "4"] + args + [P("m.tok")],
+                            "--rows LAST")
+            check(out and json.loads(out)["input_ids"] == want["input_ids"][-1:], "--rows LAST: one row")
+            expect_error(["make-shard", "--rows", "0:%d" % (n + 1), "--seq-len", "4"] + args + [P("m.tok")],
+                         "--rows past the end", [P("m.tok")], ["rows 0..%d asked for" % n, "%d rows" % n])
+    for bad in (["--rows", "x"], ["--rows", "1:0"], ["--rows", "0", "--packing", "tight"], ["--packing", "pad"]):
+        p = run(["make-shard"] + bad + [P("m.tok")])
+        check(p.returncode == 2 and not testkit.crashed(p), "usage error: %s" % bad, testkit.stderr_text(p))
     info = expect_ok(["make-shard", "--info", "--seq-len", "1", P("m.tok")], "info --seq-len 1")
     check("15 at seq_len 1 with long_docs=split, 1 with long_docs=drop" in info, "info: rows at seq_len 1", info)
     info = expect_ok(["make-shard", "--info", "--seq-len", "1", P("t.tok")], "info, every document dropped")

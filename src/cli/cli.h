@@ -8,6 +8,7 @@ int tp_cmd_inspect(int argc, char **argv);
 int tp_cmd_dump(int argc, char **argv);
 int tp_cmd_make_shard(int argc, char **argv);
 int tp_cmd_tokenize(int argc, char **argv);
+int tp_cmd_prepare_data(int argc, char **argv);
 int tp_cmd_train(int argc, char **argv);
 int tp_cmd_plot(int argc, char **argv);
 

@@ -22,6 +22,8 @@ static void usage(FILE *fp) {
             "usage: tptt make-shard --bytes [--doc-sep blank|line|file] [--vocab V] -o OUT.tok FILE...\n"
             "       tptt make-shard --jsonl [--vocab V] -o OUT.tok FILE...\n"
             "       tptt make-shard --info [--seq-len N] FILE.tok\n"
+            "       tptt make-shard --rows FIRST[:COUNT] [--seq-len N] [--packing pack|pad]\n"
+            "                       [--long-docs split|drop] FILE.tok\n"
             "\n"
             "--bytes   each byte is a token (id = byte value, vocab_hint 256). Documents are\n"
             "          separated by blank lines (default; a document keeps its lines' newlines),\n"
@@ -33,6 +35,8 @@ static void usage(FILE *fp) {
             "--vocab V set vocab_hint to V (every token must be below it).\n"
             "--info    validate a shard and print its header, counts, and the rows it packs into\n"
             "          at --seq-len (default 512) with long_docs=split and drop.\n"
+            "--rows    print rows FIRST .. FIRST+COUNT-1 (COUNT default 1) as the trainer sees them, as\n"
+            "          a `tptt dump` batch: {\"input_ids\", \"labels\", \"doc_starts\"}.\n"
             "The shard is written under a temporary name, fsync'ed and renamed into place.\n");
 }
 
@@ -349,12 +353,20 @@ static int info(const char *path, int64_t seq_len) {
     int64_t rows_split = tp_dataset_rows(ds);
     uint64_t max_tok = tp_dataset_max_token(ds);
     tp_dataset_close(ds);
-    int64_t rows_drop = 0;
-    int rc = tp_dataset_open(path, seq_len, 1, &ds, &err);
+    int64_t rows_drop = 0, pad_split = 0, pad_drop = 0;
+    int rc = tp_dataset_open(path, seq_len, TP_DATA_DROP_LONG, &ds, &err);
     if (rc == TP_OK) {
         rows_drop = tp_dataset_rows(ds);
         tp_dataset_close(ds);
     } else if (rc != TP_EINVAL) return tp_cli_error(err.msg); /* EINVAL: every document dropped */
+    if (tp_dataset_open(path, seq_len, TP_DATA_PAD, &ds, &err) == TP_OK) {
+        pad_split = tp_dataset_rows(ds);
+        tp_dataset_close(ds);
+    }
+    if (tp_dataset_open(path, seq_len, TP_DATA_PAD | TP_DATA_DROP_LONG, &ds, &err) == TP_OK) {
+        pad_drop = tp_dataset_rows(ds);
+        tp_dataset_close(ds);
+    }
 
     /* The shard is valid: read its header and sections for the counts. */
     FILE *fp = fopen(path, "rb");
@@ -407,7 +419,65 @@ static int info(const char *path, int64_t seq_len) {
                (unsigned long long)n_tokens);
     printf("rows         %lld at seq_len %lld with long_docs=split, %lld with long_docs=drop\n",
            (long long)rows_split, (long long)seq_len, (long long)rows_drop);
+    printf("padded rows  %lld with long_docs=split, %lld with long_docs=drop (packing=pad)\n", (long long)pad_split,
+           (long long)pad_drop);
     return 0;
+}
+
+/* ---- --rows --------------------------------------------------------------- */
+
+static void int_row(tp_strbuf *o, const int32_t *v, int64_t n) {
+    tp_strbuf_puts(o, "[");
+    for (int64_t i = 0; i < n; i++) tp_strbuf_printf(o, "%s%d", i ? "," : "", v[i]);
+    tp_strbuf_puts(o, "]");
+}
+
+static int rows(const char *path, const char *spec, int64_t seq_len, int flags) {
+    char msg[TP_ERR_LEN];
+    long long first = 0, count = 1;
+    const char *colon = strchr(spec, ':');
+    char a[32];
+    snprintf(a, sizeof a, "%.*s", colon ? (int)(colon - spec) : (int)strlen(spec), spec);
+    if (tp_cli_int(a, 0, 1ll << 62, &first) || (colon && tp_cli_int(colon + 1, 1, 1 << 20, &count))) {
+        fprintf(stderr, "tptt: make-shard: --rows must be FIRST or FIRST:COUNT (COUNT >= 1), got '%s'\n", spec);
+        return 2;
+    }
+    tp_err err = {0};
+    tp_dataset *ds;
+    if (tp_dataset_open(path, seq_len, flags, &ds, &err) != TP_OK) return tp_cli_error(err.msg);
+    if (first + count > tp_dataset_rows(ds)) {
+        snprintf(msg, sizeof msg, "%s: rows %lld..%lld asked for, the shard packs into %lld rows at seq_len %lld", path,
+                 first, first + count - 1, (long long)tp_dataset_rows(ds), (long long)seq_len);
+        tp_dataset_close(ds);
+        return tp_cli_error(msg);
+    }
+    size_t T = (size_t)seq_len;
+    int32_t *buf = malloc(4 * T * sizeof *buf);
+    tp_strbuf ids, lab, ds_;
+    tp_strbuf_init(&ids);
+    tp_strbuf_init(&lab);
+    tp_strbuf_init(&ds_);
+    for (long long r = first; buf && r < first + count; r++) {
+        int32_t *id = buf, *lb = buf + T, *st = buf + 2 * T, *pos = buf + 3 * T;
+        tp_dataset_row(ds, r, id, lb, st, pos);
+        const char *sep = r > first ? "," : "";
+        tp_strbuf_puts(&ids, sep);
+        int_row(&ids, id, seq_len);
+        tp_strbuf_puts(&lab, sep);
+        int_row(&lab, lb, seq_len);
+        tp_strbuf_printf(&ds_, "%s[0", sep); /* the distinct document starts, in order */
+        for (size_t t = 1; t < T; t++)
+            if (st[t] != st[t - 1]) tp_strbuf_printf(&ds_, ",%d", st[t]);
+        tp_strbuf_puts(&ds_, "]");
+    }
+    tp_dataset_close(ds);
+    int ok = buf && !ids.oom && !lab.oom && !ds_.oom;
+    if (ok) printf("{\"input_ids\":[%s],\"labels\":[%s],\"doc_starts\":[%s]}\n", ids.buf, lab.buf, ds_.buf);
+    free(buf);
+    tp_strbuf_free(&ids);
+    tp_strbuf_free(&lab);
+    tp_strbuf_free(&ds_);
+    return ok ? 0 : tp_cli_error("out of memory");
 }
 
 /* ---- main --------------------------------------------------------------- */
@@ -417,8 +487,10 @@ int tp_cmd_make_shard(int argc, char **argv) {
                                          {"info", no_argument, 0, 'I'},        {"doc-sep", required_argument, 0, 'd'},
                                          {"vocab", required_argument, 0, 'v'}, {"seq-len", required_argument, 0, 's'},
                                          {"out", required_argument, 0, 'o'},   {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    int mode = 0, sep = SEP_BLANK, sep_given = 0;
+                                         {"rows", required_argument, 0, 'R'},  {"packing", required_argument, 0, 'p'},
+                                         {"long-docs", required_argument, 0, 'l'}, {0, 0, 0, 0}};
+    int mode = 0, sep = SEP_BLANK, sep_given = 0, flags = 0, flags_given = 0;
+    const char *rows_spec = NULL;
     long long vocab = 0, seq_len = 512;
     const char *out_path = NULL;
     int ch;
@@ -430,11 +502,23 @@ int tp_cmd_make_shard(int argc, char **argv) {
         case 'B':
         case 'J':
         case 'I':
+        case 'R':
             if (mode && mode != ch) {
-                fprintf(stderr, "tptt: make-shard: give only one of --bytes, --jsonl, --info\n");
+                fprintf(stderr, "tptt: make-shard: give only one of --bytes, --jsonl, --info, --rows\n");
                 return 2;
             }
             mode = ch;
+            if (ch == 'R') rows_spec = optarg;
+            break;
+        case 'p':
+        case 'l':
+            flags_given = 1;
+            if (!strcmp(optarg, ch == 'p' ? "pad" : "drop")) flags |= ch == 'p' ? TP_DATA_PAD : TP_DATA_DROP_LONG;
+            else if (strcmp(optarg, ch == 'p' ? "pack" : "split")) {
+                fprintf(stderr, "tptt: make-shard: %s must be %s, got '%s'\n", ch == 'p' ? "--packing" : "--long-docs",
+                        ch == 'p' ? "pack or pad" : "split or drop", optarg);
+                return 2;
+            }
             break;
         case 'd':
             sep_given = 1;
@@ -465,7 +549,18 @@ int tp_cmd_make_shard(int argc, char **argv) {
         }
     }
     if (!mode) {
-        fprintf(stderr, "tptt: make-shard: one of --bytes, --jsonl or --info is required (see --help)\n");
+        fprintf(stderr, "tptt: make-shard: one of --bytes, --jsonl, --info or --rows is required (see --help)\n");
+        return 2;
+    }
+    if (mode == 'R') {
+        if (optind != argc - 1 || out_path || vocab || sep_given) {
+            fprintf(stderr, "tptt: make-shard: --rows takes one FILE.tok and only --seq-len, --packing, --long-docs\n");
+            return 2;
+        }
+        return rows(argv[optind], rows_spec, seq_len, flags);
+    }
+    if (flags_given) {
+        fprintf(stderr, "tptt: make-shard: --packing and --long-docs apply to --rows only\n");
         return 2;
     }
     if (mode == 'I') {

@@ -21,6 +21,7 @@ static void usage(FILE *fp) {
             "  dump         one forward+backward on a batch, written out for numerical checks\n"
             "  make-shard   build a token shard from raw bytes or JSONL ids (tests, demos); --info FILE\n"
             "  tokenize     encode/decode JSONL text with a Hugging Face tokenizer.json\n"
+            "  prepare-data tokenize a run's text/alpaca/chat data into its cache (train does it too)\n"
             "  train        fine-tune with LiZA + MaG + LoRA (run under mpirun for several ranks)\n"
             "  plot         draw loss and learning rate from metrics.jsonl (gnuplot)\n"
             "  version      print the version and the numeric libraries in use\n"
@@ -55,6 +56,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "dump")) return tp_cmd_dump(argc - 1, argv + 1);
     if (!strcmp(cmd, "make-shard")) return tp_cmd_make_shard(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return tp_cmd_tokenize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "prepare-data")) return tp_cmd_prepare_data(argc - 1, argv + 1);
     if (!strcmp(cmd, "train")) return tp_cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "plot")) return tp_cmd_plot(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {

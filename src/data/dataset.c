@@ -48,30 +48,25 @@ static int align8(uint64_t x, uint64_t *out) {
 
 struct tp_dataset {
     char *path;
-    const uint8_t *base;
-    size_t size;
-    const uint32_t *tok;
-    const uint64_t *off; /* n_docs + 1 entries */
-    const uint8_t *mask; /* NULL: every token is trained on */
-    uint64_t n_tokens, n_docs, vocab_hint, max_token;
+    tp_shard sh;
     int64_t seq_len, rows;
-    int drop;
+    int drop, pad;
     /* row r starts in document row_doc[r] (a kept one), row_skip[r] tokens in */
     uint64_t *row_doc, *row_skip;
 };
 
 static int doc_kept(const tp_dataset *d, uint64_t i) {
-    uint64_t len = d->off[i + 1] - d->off[i];
+    uint64_t len = d->sh.offsets[i + 1] - d->sh.offsets[i];
     return len > 0 && !(d->drop && len > (uint64_t)d->seq_len);
 }
 
-/* Check the mapped image; fills the section pointers and max_token. */
-static int validate(tp_dataset *d, tp_err *err) {
-    const char *p = d->path;
-    const uint8_t *b = d->base;
-    if (d->size < SHARD_HEADER)
+/* Check the mapped image s->map (s->size bytes); fills the section pointers
+ * and max_token. */
+static int validate(const char *p, tp_shard *s, tp_err *err) {
+    const uint8_t *b = s->map;
+    if (s->size < SHARD_HEADER)
         return tp_fail(err, TP_EFORMAT, "%s: file is %zu bytes, shorter than the %u-byte token shard header", p,
-                       d->size, SHARD_HEADER);
+                       s->size, SHARD_HEADER);
     if (memcmp(b, SHARD_MAGIC, 8) != 0)
         return tp_fail(err, TP_EFORMAT, "%s: magic: not a token shard (the file does not start with \"%s\")", p,
                        SHARD_MAGIC);
@@ -101,71 +96,89 @@ static int validate(tp_dataset *d, tp_err *err) {
         __builtin_add_overflow(total, off_bytes, &total) || __builtin_add_overflow(total, mask_pad, &total))
         return tp_fail(err, TP_EFORMAT, "%s: n_tokens %llu and n_docs %llu overflow 64-bit file sizes", p,
                        (unsigned long long)n_tokens, (unsigned long long)n_docs);
-    if (total != (uint64_t)d->size)
+    if (total != (uint64_t)s->size)
         return tp_fail(err, TP_EFORMAT,
                        "%s: size: header declares %llu tokens and %llu documents%s (%llu bytes) but the file holds %zu "
                        "bytes",
                        p, (unsigned long long)n_tokens, (unsigned long long)n_docs, has_mask ? " with a label mask" : "",
-                       (unsigned long long)total, d->size);
-    d->n_tokens = n_tokens;
-    d->n_docs = n_docs;
-    d->vocab_hint = vocab;
-    d->tok = (const uint32_t *)(b + SHARD_HEADER);
-    d->off = (const uint64_t *)(b + SHARD_HEADER + tok_pad);
-    d->mask = has_mask ? b + SHARD_HEADER + tok_pad + off_bytes : NULL;
+                       (unsigned long long)total, s->size);
+    s->n_tokens = n_tokens;
+    s->n_docs = n_docs;
+    s->vocab_hint = vocab;
+    s->tokens = (const uint32_t *)(b + SHARD_HEADER);
+    s->offsets = (const uint64_t *)(b + SHARD_HEADER + tok_pad);
+    s->mask = has_mask ? b + SHARD_HEADER + tok_pad + off_bytes : NULL;
     for (uint64_t i = SHARD_HEADER + tok_bytes; i < SHARD_HEADER + tok_pad; i++)
         if (b[i])
             return tp_fail(err, TP_EFORMAT, "%s: padding after tokens (byte %llu) is not zero", p,
                            (unsigned long long)i);
     if (has_mask)
         for (uint64_t i = n_tokens; i < mask_pad; i++)
-            if (d->mask[i])
+            if (s->mask[i])
                 return tp_fail(err, TP_EFORMAT, "%s: padding after label_mask (byte %llu) is not zero", p,
                                (unsigned long long)(SHARD_HEADER + tok_pad + off_bytes + i));
-    if (d->off[0] != 0)
-        return tp_fail(err, TP_EFORMAT, "%s: doc_offsets[0] is %llu, expected 0", p, (unsigned long long)d->off[0]);
+    const uint64_t *off = s->offsets;
+    if (off[0] != 0)
+        return tp_fail(err, TP_EFORMAT, "%s: doc_offsets[0] is %llu, expected 0", p, (unsigned long long)off[0]);
     for (uint64_t i = 1; i <= n_docs; i++)
-        if (d->off[i] < d->off[i - 1])
+        if (off[i] < off[i - 1])
             return tp_fail(err, TP_EFORMAT, "%s: doc_offsets[%llu] = %llu is less than doc_offsets[%llu] = %llu "
-                           "(must be non-decreasing)", p, (unsigned long long)i, (unsigned long long)d->off[i],
-                           (unsigned long long)(i - 1), (unsigned long long)d->off[i - 1]);
-    if (d->off[n_docs] != n_tokens)
+                           "(must be non-decreasing)", p, (unsigned long long)i, (unsigned long long)off[i],
+                           (unsigned long long)(i - 1), (unsigned long long)off[i - 1]);
+    if (off[n_docs] != n_tokens)
         return tp_fail(err, TP_EFORMAT, "%s: doc_offsets[%llu] (the last) is %llu, expected n_tokens = %llu", p,
-                       (unsigned long long)n_docs, (unsigned long long)d->off[n_docs], (unsigned long long)n_tokens);
+                       (unsigned long long)n_docs, (unsigned long long)off[n_docs], (unsigned long long)n_tokens);
     uint32_t mx = 0;
     for (uint64_t i = 0; i < n_tokens; i++) {
-        uint32_t t = d->tok[i];
+        uint32_t t = s->tokens[i];
         if (t > mx) mx = t;
     }
     if (n_tokens && (uint64_t)mx >= vocab) {
         uint64_t i = 0;
-        while ((uint64_t)d->tok[i] < vocab) i++;
+        while ((uint64_t)s->tokens[i] < vocab) i++;
         return tp_fail(err, TP_EFORMAT, "%s: tokens[%llu] = %u is not below vocab_hint %llu", p,
-                       (unsigned long long)i, d->tok[i], (unsigned long long)vocab);
+                       (unsigned long long)i, s->tokens[i], (unsigned long long)vocab);
     }
-    d->max_token = mx;
+    s->max_token = mx;
     if (has_mask)
         for (uint64_t i = 0; i < n_tokens; i++)
-            if (d->mask[i] > 1)
+            if (s->mask[i] > 1)
                 return tp_fail(err, TP_EFORMAT, "%s: label_mask[%llu] is %u, expected 0 or 1", p,
-                               (unsigned long long)i, d->mask[i]);
+                               (unsigned long long)i, s->mask[i]);
     return TP_OK;
 }
 
-/* Lay the kept documents end to end and record where each row starts. */
+int tp_shard_map(const char *path, tp_shard *s, tp_err *err) {
+    memset(s, 0, sizeof *s);
+    int rc = tp_map_readonly(path, &s->map, &s->size, err);
+    if (rc != TP_OK) return rc; /* a file shorter than the header is reported by validate() */
+    if ((rc = validate(path, s, err)) != TP_OK) tp_shard_unmap(s);
+    return rc;
+}
+
+void tp_shard_unmap(tp_shard *s) {
+    tp_unmap(s->map, s->size);
+    memset(s, 0, sizeof *s);
+}
+
+/* Where each row starts. pack: the kept documents laid end to end, cut every
+ * T tokens. pad: every kept document starts a row of its own (a longer one
+ * fills ceil(len / T) rows). */
 static int build_rows(tp_dataset *d, tp_err *err) {
-    const uint64_t T = (uint64_t)d->seq_len;
-    uint64_t total = 0, dropped = 0;
-    for (uint64_t i = 0; i < d->n_docs; i++) {
-        uint64_t len = d->off[i + 1] - d->off[i];
-        if (doc_kept(d, i)) total += len;
-        else if (len > 0) dropped++;
+    const uint64_t T = (uint64_t)d->seq_len, *off = d->sh.offsets;
+    uint64_t total = 0, dropped = 0, rows = 0;
+    for (uint64_t i = 0; i < d->sh.n_docs; i++) {
+        uint64_t len = off[i + 1] - off[i];
+        if (doc_kept(d, i)) {
+            total += len;
+            rows += len / T + (len % T != 0);
+        } else if (len > 0) dropped++;
     }
-    uint64_t rows = total / T + (total % T != 0);
+    if (!d->pad) rows = total / T + (total % T != 0);
     if (rows == 0) {
-        if (d->n_tokens == 0)
+        if (d->sh.n_tokens == 0)
             return tp_fail(err, TP_EINVAL, "%s: the shard holds no tokens (%llu documents, all empty)", d->path,
-                           (unsigned long long)d->n_docs);
+                           (unsigned long long)d->sh.n_docs);
         return tp_fail(err, TP_EINVAL,
                        "%s: no rows to train on: all %llu non-empty documents are longer than seq_len %lld and "
                        "long_docs=drop drops them",
@@ -177,9 +190,16 @@ static int build_rows(tp_dataset *d, tp_err *err) {
     d->row_skip = tp_malloc((size_t)rows * sizeof(uint64_t), err);
     if (!d->row_doc || !d->row_skip) return TP_ENOMEM;
     uint64_t s = 0, r = 0; /* s: stream offset of document i; rows < r start before s */
-    for (uint64_t i = 0; i < d->n_docs && r < rows; i++) {
+    for (uint64_t i = 0; i < d->sh.n_docs && r < rows; i++) {
         if (!doc_kept(d, i)) continue;
-        uint64_t len = d->off[i + 1] - d->off[i];
+        uint64_t len = off[i + 1] - off[i];
+        if (d->pad) {
+            for (uint64_t k = 0; k < len; k += T, r++) {
+                d->row_doc[r] = i;
+                d->row_skip[r] = k;
+            }
+            continue;
+        }
         for (; r < rows && r * T < s + len; r++) {
             d->row_doc[r] = i;
             d->row_skip[r] = r * T - s;
@@ -190,25 +210,19 @@ static int build_rows(tp_dataset *d, tp_err *err) {
     return TP_OK;
 }
 
-int tp_dataset_open(const char *path, int64_t seq_len, int drop_long_docs, tp_dataset **out, tp_err *err) {
+int tp_dataset_open(const char *path, int64_t seq_len, int flags, tp_dataset **out, tp_err *err) {
     *out = NULL;
     if (seq_len < 1 || seq_len > MAX_SEQ_LEN)
         return tp_fail(err, TP_EINVAL, "%s: seq_len %lld is out of range (1 .. 2^30)", path, (long long)seq_len);
-    const void *map;
-    size_t size;
-    int rc = tp_map_readonly(path, &map, &size, err);
-    if (rc != TP_OK) return rc; /* a file shorter than the header is reported by validate() */
+    if (flags & ~(TP_DATA_DROP_LONG | TP_DATA_PAD))
+        return tp_fail(err, TP_EINVAL, "%s: unknown dataset flags 0x%x", path, (unsigned)flags);
     tp_dataset *d = tp_calloc(1, sizeof *d, err);
-    if (!d) {
-        tp_unmap(map, size);
-        return TP_ENOMEM;
-    }
-    d->base = map;
-    d->size = size;
+    if (!d) return TP_ENOMEM;
     d->seq_len = seq_len;
-    d->drop = drop_long_docs != 0;
-    rc = (d->path = tp_strdup(path, err)) ? TP_OK : TP_ENOMEM;
-    if (rc == TP_OK) rc = validate(d, err);
+    d->drop = (flags & TP_DATA_DROP_LONG) != 0;
+    d->pad = (flags & TP_DATA_PAD) != 0;
+    int rc = (d->path = tp_strdup(path, err)) ? TP_OK : TP_ENOMEM;
+    if (rc == TP_OK) rc = tp_shard_map(path, &d->sh, err);
     if (rc == TP_OK) rc = build_rows(d, err);
     if (rc != TP_OK) {
         tp_dataset_close(d);
@@ -220,7 +234,7 @@ int tp_dataset_open(const char *path, int64_t seq_len, int drop_long_docs, tp_da
 
 void tp_dataset_close(tp_dataset *d) {
     if (!d) return;
-    tp_unmap(d->base, d->size);
+    tp_shard_unmap(&d->sh);
     free(d->row_doc);
     free(d->row_skip);
     free(d->path);
@@ -229,7 +243,7 @@ void tp_dataset_close(tp_dataset *d) {
 
 int64_t tp_dataset_rows(const tp_dataset *d) { return d->rows; }
 int64_t tp_dataset_seq_len(const tp_dataset *d) { return d->seq_len; }
-uint64_t tp_dataset_max_token(const tp_dataset *d) { return d->max_token; }
+uint64_t tp_dataset_max_token(const tp_dataset *d) { return d->sh.max_token; }
 
 void tp_dataset_row(const tp_dataset *d, int64_t row, int32_t *ids, int32_t *labels, int32_t *doc_start,
                     int32_t *pos) {
@@ -239,26 +253,29 @@ void tp_dataset_row(const tp_dataset *d, int64_t row, int32_t *ids, int32_t *lab
         abort();
     }
     const int64_t T = d->seq_len;
+    const uint32_t *tok = d->sh.tokens;
+    const uint8_t *mask = d->sh.mask;
     int64_t t = 0;
     uint64_t i = d->row_doc[row], skip = d->row_skip[row];
-    while (t < T && i < d->n_docs) {
+    while (t < T && i < d->sh.n_docs) {
         if (!doc_kept(d, i)) {
             i++;
             continue;
         }
-        uint64_t b = d->off[i] + skip, len = d->off[i + 1] - b; /* what is left of document i */
+        uint64_t b = d->sh.offsets[i] + skip, len = d->sh.offsets[i + 1] - b; /* what is left of document i */
         int64_t take = (uint64_t)(T - t) < len ? T - t : (int64_t)len;
         for (int64_t j = 0; j < take; j++) {
-            ids[t + j] = (int32_t)d->tok[b + (uint64_t)j];
+            ids[t + j] = (int32_t)tok[b + (uint64_t)j];
             doc_start[t + j] = (int32_t)t;
             pos[t + j] = (int32_t)j;
             /* the chunk's last token is the document's last or the row's last */
-            int next_trains = j + 1 < take && (!d->mask || d->mask[b + (uint64_t)j + 1]);
-            labels[t + j] = next_trains ? (int32_t)d->tok[b + (uint64_t)j + 1] : -100;
+            int next_trains = j + 1 < take && (!mask || mask[b + (uint64_t)j + 1]);
+            labels[t + j] = next_trains ? (int32_t)tok[b + (uint64_t)j + 1] : -100;
         }
         t += take;
         i++;
         skip = 0;
+        if (d->pad) break; /* one document (or piece of one) per row */
     }
     for (int64_t j = t; j < T; j++) { /* padding: a document of its own */
         ids[j] = 0;

@@ -14,15 +14,17 @@
  *                                                  predicting this token)
  *   Sections are 8-byte aligned (zero padding after tokens / mask).
  *
- * Packing: documents are laid end to end and cut into rows of seq_len tokens;
- * a document crossing a row end continues in the next row (long_docs=split)
- * or documents longer than seq_len are dropped (long_docs=drop). Each row
+ * Packing: documents are laid end to end and cut into rows of seq_len tokens
+ * (pack), or each document starts a row of its own, padded (TP_DATA_PAD); a
+ * document crossing a row end continues in the next row (long_docs=split)
+ * or documents longer than seq_len are dropped (TP_DATA_DROP_LONG). Each row
  * records where its documents start; labels are the next token of the same
  * document (-100 at a document's last token, at the row's last position and
  * where the label mask is 0).
  *
  * The reader interface (tp_dataset) is what the trainer sees; text, JSONL and
- * instruction formats plug in by producing a token shard first (later issue). */
+ * instruction formats plug in by producing a token shard first
+ * (data/textdata.h). */
 #ifndef TPTT_DATA_DATASET_H
 #define TPTT_DATA_DATASET_H
 
@@ -31,10 +33,30 @@
 
 #include "util/err.h"
 
+/* A whole shard, mapped read-only and validated (every reader check of
+ * docs/data.md; an empty shard is fine here), for code that walks its
+ * documents. Release with tp_shard_unmap. */
+typedef struct tp_shard {
+    const uint32_t *tokens;
+    const uint64_t *offsets; /* n_docs + 1 entries */
+    const uint8_t *mask;     /* NULL: no label mask */
+    uint64_t n_tokens, n_docs, vocab_hint, max_token;
+    const void *map;
+    size_t size;
+} tp_shard;
+int tp_shard_map(const char *path, tp_shard *s, tp_err *err);
+void tp_shard_unmap(tp_shard *s);
+
 typedef struct tp_dataset tp_dataset;
 
-/* Open a token shard (mmap) and build the row index for seq_len. */
-int tp_dataset_open(const char *path, int64_t seq_len, int drop_long_docs, tp_dataset **out, tp_err *err);
+enum {
+    TP_DATA_DROP_LONG = 1, /* long_docs=drop: leave out documents longer than seq_len */
+    TP_DATA_PAD = 2,       /* packing=pad: one document per row, padded */
+};
+
+/* Open a token shard (mmap) and build the row index for seq_len; flags:
+ * TP_DATA_* (0: pack, split long documents). */
+int tp_dataset_open(const char *path, int64_t seq_len, int flags, tp_dataset **out, tp_err *err);
 void tp_dataset_close(tp_dataset *d);
 int64_t tp_dataset_rows(const tp_dataset *d);
 int64_t tp_dataset_seq_len(const tp_dataset *d);

@@ -51,6 +51,10 @@ int tp_dist_max_int(int x) {
 
 void tp_dist_barrier(void) { MPI_Barrier(MPI_COMM_WORLD); }
 
+void tp_dist_allgather(const void *send, size_t bytes, void *recv) {
+    MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, MPI_COMM_WORLD);
+}
+
 int tp_dist_bcast_string(char **s, tp_err *err) {
     int rank;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);

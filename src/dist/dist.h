@@ -32,6 +32,8 @@ double tp_dist_sum_f64(double x);
 int64_t tp_dist_sum_i64(int64_t x);
 int tp_dist_max_int(int x);
 void tp_dist_barrier(void);
+/* Every rank's `bytes` bytes of send, in rank order, into recv (world x bytes). */
+void tp_dist_allgather(const void *send, size_t bytes, void *recv);
 /* Broadcast a NUL-terminated string from rank 0 (caller frees *s on every rank). */
 int tp_dist_bcast_string(char **s, tp_err *err);
 

@@ -31,12 +31,14 @@
 /* ---- the key table ----------------------------------------------------- */
 
 enum { S_TOP, S_MODEL, S_RUN, S_LORA, S_LIZA, S_MAG, S_COMPUTE, S_DATA, S_BATCH, S_OPTIM, S_SCHED, S_CKPT,
-       S_LOG, S_FAULTS, S_DIST, S_EXPORT, NSEC };
+       S_LOG, S_FAULTS, S_DIST, S_EXPORT, S_ALPACA, S_CHAT, NSEC };
 static const char *const sec_names[NSEC] = {"",        "model", "run",       "lora",       "liza",    "mag",
                                             "compute", "data",  "batch",     "optimizer",  "schedule", "checkpoint",
-                                            "logging", "faults", "dist",     "export"};
+                                            "logging", "faults", "dist",     "export",    "data.alpaca", "data.chat"};
+/* the section a section is written inside (data.alpaca inside data) */
+static const int sec_parent[NSEC] = {[S_ALPACA] = S_DATA, [S_CHAT] = S_DATA};
 
-enum { K_INT, K_NUM, K_BOOL, K_ENUM, K_STR, K_TARGETS, K_VALUES };
+enum { K_INT, K_NUM, K_BOOL, K_ENUM, K_STR, K_TEXT, K_TARGETS, K_VALUES };
 
 enum {
     KEY_MODEL_PATH, KEY_RUN_DIR, KEY_SEED, KEY_TRAINABLE,
@@ -46,7 +48,9 @@ enum {
     KEY_MAG_MODE, KEY_MAG_MU0, KEY_MAG_MU1, KEY_MAG_STEPS, KEY_MAG_VALUES, KEY_MAG_PERIOD, KEY_MAG_SHAPE,
     KEY_MAG_CROSS,
     KEY_COMPUTE_MATMUL, KEY_COMPUTE_RECOMPUTE,
-    KEY_DATA_FORMAT, KEY_DATA_PATH, KEY_DATA_SEQ_LEN, KEY_DATA_LONG_DOCS, KEY_DATA_TOKENIZER, KEY_DATA_CACHE,
+    KEY_DATA_FORMAT, KEY_DATA_PATH, KEY_DATA_SEQ_LEN, KEY_DATA_LONG_DOCS, KEY_DATA_PACKING, KEY_DATA_TOKENIZER,
+    KEY_DATA_CACHE, KEY_DATA_BAD, KEY_DATA_TEXT_FIELD, KEY_DATA_TXT_UNIT, KEY_DATA_ADD_BOS, KEY_DATA_ADD_EOS,
+    KEY_ALPACA_PROMPT, KEY_ALPACA_PROMPT_NI, KEY_CHAT_SYSTEM, KEY_CHAT_USER, KEY_CHAT_ASSISTANT,
     KEY_BATCH_GLOBAL, KEY_BATCH_MICRO,
     KEY_OPT_LR, KEY_OPT_MIN_LR, KEY_OPT_WD, KEY_OPT_BETA1, KEY_OPT_BETA2, KEY_OPT_EPS, KEY_OPT_CLIP,
     KEY_SCHED_KIND, KEY_SCHED_WARMUP, KEY_SCHED_TOTAL,
@@ -64,8 +68,12 @@ static const char *const ch_trick[] = {"dt", "rot", "rdt", NULL};        /* TP_T
 static const char *const ch_mag_mode[] = {"constant", "gradual", "cyclic", "learnable", NULL}; /* TP_MAG_* */
 static const char *const ch_shape[] = {"scalar", "vector", NULL};
 static const char *const ch_matmul[] = {"auto", "f32", "bf16", NULL};
-static const char *const ch_format[] = {"tokens", NULL};
+static const char *const ch_format[] = {"tokens", "text", "alpaca", "chat", NULL};
 static const char *const ch_long_docs[] = {"split", "drop", NULL};
+static const char *const ch_packing[] = {"pack", "pad", NULL};
+static const char *const ch_bad[] = {"skip", "abort", NULL};
+static const char *const ch_txt_unit[] = {"line", "paragraph", "document", NULL};
+static const char *const ch_add_bos[] = {"auto", "true", "false", NULL};
 static const char *const ch_sched[] = {"cosine", "linear", "constant", NULL}; /* TP_LR_* order */
 
 typedef struct keydef {
@@ -86,6 +94,7 @@ typedef struct keydef {
 #define KE(id, s, d, ch) [id] = {.sec = s, .dotted = d, .kind = K_ENUM, .choices = ch}
 #define KIR(id, s, d, lo, hi) [id] = {.sec = s, .dotted = d, .kind = K_INT, .imin = lo, .imax = hi, .required = 1}
 #define KS(id, s, d, req) [id] = {.sec = s, .dotted = d, .kind = K_STR, .required = req, .nullable = !(req)}
+#define KT(id, s, d) [id] = {.sec = s, .dotted = d, .kind = K_TEXT}
 
 static const keydef keys[NKEYS] = {
     KS(KEY_MODEL_PATH, S_MODEL, "model.path", 1),
@@ -121,8 +130,19 @@ static const keydef keys[NKEYS] = {
     KS(KEY_DATA_PATH, S_DATA, "data.path", 1),
     KI(KEY_DATA_SEQ_LEN, S_DATA, "data.seq_len", 2, 1LL << 24),
     KE(KEY_DATA_LONG_DOCS, S_DATA, "data.long_docs", ch_long_docs),
+    KE(KEY_DATA_PACKING, S_DATA, "data.packing", ch_packing),
     KS(KEY_DATA_TOKENIZER, S_DATA, "data.tokenizer", 0),
     KS(KEY_DATA_CACHE, S_DATA, "data.cache_dir", 0),
+    KE(KEY_DATA_BAD, S_DATA, "data.bad_records", ch_bad),
+    KT(KEY_DATA_TEXT_FIELD, S_DATA, "data.text_field"),
+    KE(KEY_DATA_TXT_UNIT, S_DATA, "data.txt_unit", ch_txt_unit),
+    KE(KEY_DATA_ADD_BOS, S_DATA, "data.add_bos", ch_add_bos),
+    KB(KEY_DATA_ADD_EOS, S_DATA, "data.add_eos"),
+    KT(KEY_ALPACA_PROMPT, S_ALPACA, "data.alpaca.prompt"),
+    KT(KEY_ALPACA_PROMPT_NI, S_ALPACA, "data.alpaca.prompt_no_input"),
+    KT(KEY_CHAT_SYSTEM, S_CHAT, "data.chat.system"),
+    KT(KEY_CHAT_USER, S_CHAT, "data.chat.user"),
+    KT(KEY_CHAT_ASSISTANT, S_CHAT, "data.chat.assistant"),
     KIR(KEY_BATCH_GLOBAL, S_BATCH, "batch.global", 1, BIG),
     KI(KEY_BATCH_MICRO, S_BATCH, "batch.micro", 1, BIG),
     KN(KEY_OPT_LR, S_OPTIM, "optimizer.lr", 0, 0, INFINITY, 0),
@@ -143,15 +163,27 @@ static const keydef keys[NKEYS] = {
     KS(KEY_EXPORT_DIR, S_EXPORT, "export.model_dir", 0),
 };
 
-/* The part of a dotted name after the section ("global" of "batch.global"). */
+/* The part of a dotted name after its section ("global" of "batch.global",
+ * "prompt" of "data.alpaca.prompt"). */
 static const char *leaf(int id) {
-    const char *d = strchr(keys[id].dotted, '.');
-    return d ? d + 1 : keys[id].dotted;
+    return keys[id].sec == S_TOP ? keys[id].dotted : keys[id].dotted + strlen(sec_names[keys[id].sec]) + 1;
 }
 
+static const char *sec_leaf(int s) {
+    return sec_parent[s] == S_TOP ? sec_names[s] : sec_names[s] + strlen(sec_names[sec_parent[s]]) + 1;
+}
+
+/* A section by its full dotted name ("data.alpaca"). */
 static int find_section(const char *name) {
     for (int s = 1; s < NSEC; s++)
         if (!strcmp(name, sec_names[s])) return s;
+    return -1;
+}
+
+/* A section written as `name:` inside section parent. */
+static int find_child(int parent, const char *name) {
+    for (int s = 1; s < NSEC; s++)
+        if (sec_parent[s] == parent && !strcmp(name, sec_leaf(s))) return s;
     return -1;
 }
 
@@ -185,6 +217,8 @@ static void list_names(int sec, char *buf, size_t n) {
     } else {
         for (int i = 0; i < NKEYS; i++)
             if (keys[i].sec == sec) APPEND(leaf(i));
+        for (int s = 1; s < NSEC; s++)
+            if (sec_parent[s] == sec) APPEND(sec_leaf(s));
     }
 #undef APPEND
 }
@@ -442,6 +476,23 @@ static int get_str(ctx *x, int id, const yaml_node_t *v, char *dst, size_t cap) 
     return TP_OK;
 }
 
+/* A string (templates, field names): any non-empty scalar, kept as written. */
+static int get_text(ctx *x, int id, const yaml_node_t *v, char *dst, size_t cap) {
+    const keydef *k = &keys[id];
+    char got[160];
+    int rc = check_tag(x, k->dotted, -1, v);
+    if (rc) return rc;
+    if (v->type != YAML_SCALAR_NODE || is_null(v) || v->data.scalar.length == 0) {
+        describe(v, got, sizeof got);
+        return fail_at(x, v, k->dotted, -1, "expected a non-empty string, got %s", got);
+    }
+    if (v->data.scalar.length >= cap)
+        return fail_at(x, v, k->dotted, -1, "expected a string of at most %zu bytes, got %zu bytes", cap - 1,
+                       v->data.scalar.length);
+    memcpy(dst, v->data.scalar.value, v->data.scalar.length + 1);
+    return TP_OK;
+}
+
 /* The items of a list value: a YAML list of scalars or one comma-separated
  * scalar. Calls item(x, at, idx, text, len, plain, arg) for each. */
 typedef int (*item_fn)(ctx *x, int id, const yaml_node_t *at, int idx, const char *s, size_t len, int plain,
@@ -581,6 +632,7 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
         case KEY_LIZA_BASE_SCALE: c->dec.liza.base_scale_attn = b; break;
         case KEY_MAG_CROSS: c->dec.mag.cross_gate = b; break;
         case KEY_COMPUTE_RECOMPUTE: c->dec.recompute = b; break;
+        case KEY_DATA_ADD_EOS: c->data.add_eos = b; break;
         }
         return TP_OK;
     case K_ENUM:
@@ -603,6 +655,10 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
             break;
         case KEY_DATA_FORMAT: snprintf(c->data.format, sizeof c->data.format, "%s", ch_format[e]); break;
         case KEY_DATA_LONG_DOCS: snprintf(c->data.long_docs, sizeof c->data.long_docs, "%s", ch_long_docs[e]); break;
+        case KEY_DATA_PACKING: snprintf(c->data.packing, sizeof c->data.packing, "%s", ch_packing[e]); break;
+        case KEY_DATA_BAD: snprintf(c->data.bad_records, sizeof c->data.bad_records, "%s", ch_bad[e]); break;
+        case KEY_DATA_TXT_UNIT: snprintf(c->data.txt_unit, sizeof c->data.txt_unit, "%s", ch_txt_unit[e]); break;
+        case KEY_DATA_ADD_BOS: snprintf(c->data.add_bos, sizeof c->data.add_bos, "%s", ch_add_bos[e]); break;
         case KEY_SCHED_KIND:
             if (tp_lr_schedule_parse_kind(ch_sched[e], &c->sched.kind))
                 return fail_at(x, v, keys[id].dotted, -1, "kind '%s' is not known to the scheduler", ch_sched[e]);
@@ -617,6 +673,17 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
         case KEY_DATA_TOKENIZER: return get_str(x, id, v, c->data.tokenizer, sizeof c->data.tokenizer);
         case KEY_DATA_CACHE: return get_str(x, id, v, c->data.cache_dir, sizeof c->data.cache_dir);
         case KEY_EXPORT_DIR: return get_str(x, id, v, c->export_dir, sizeof c->export_dir);
+        }
+        return TP_OK;
+    case K_TEXT:
+        switch (id) {
+        case KEY_DATA_TEXT_FIELD: return get_text(x, id, v, c->data.text_field, sizeof c->data.text_field);
+        case KEY_ALPACA_PROMPT: return get_text(x, id, v, c->data.alpaca_prompt, sizeof c->data.alpaca_prompt);
+        case KEY_ALPACA_PROMPT_NI:
+            return get_text(x, id, v, c->data.alpaca_prompt_no_input, sizeof c->data.alpaca_prompt_no_input);
+        case KEY_CHAT_SYSTEM: return get_text(x, id, v, c->data.chat_system, sizeof c->data.chat_system);
+        case KEY_CHAT_USER: return get_text(x, id, v, c->data.chat_user, sizeof c->data.chat_user);
+        case KEY_CHAT_ASSISTANT: return get_text(x, id, v, c->data.chat_assistant, sizeof c->data.chat_assistant);
         }
         return TP_OK;
     case K_TARGETS: {
@@ -653,6 +720,17 @@ void tp_train_cfg_default(tp_train_cfg *c) {
     snprintf(c->data.format, sizeof c->data.format, "tokens");
     c->data.seq_len = 512;
     snprintf(c->data.long_docs, sizeof c->data.long_docs, "split");
+    snprintf(c->data.packing, sizeof c->data.packing, "pack");
+    snprintf(c->data.bad_records, sizeof c->data.bad_records, "skip");
+    snprintf(c->data.text_field, sizeof c->data.text_field, "text");
+    snprintf(c->data.txt_unit, sizeof c->data.txt_unit, "line");
+    snprintf(c->data.add_bos, sizeof c->data.add_bos, "auto");
+    c->data.add_eos = 1;
+    snprintf(c->data.alpaca_prompt, sizeof c->data.alpaca_prompt, "%s", TP_ALPACA_PROMPT);
+    snprintf(c->data.alpaca_prompt_no_input, sizeof c->data.alpaca_prompt_no_input, "%s", TP_ALPACA_PROMPT_NO_INPUT);
+    snprintf(c->data.chat_system, sizeof c->data.chat_system, "%s", TP_CHAT_SYSTEM);
+    snprintf(c->data.chat_user, sizeof c->data.chat_user, "%s", TP_CHAT_USER);
+    snprintf(c->data.chat_assistant, sizeof c->data.chat_assistant, "%s", TP_CHAT_ASSISTANT);
     c->global_batch = 0; /* required */
     c->micro_batch = 1;
     c->adamw = TP_ADAMW_CFG_DEFAULT;
@@ -715,7 +793,7 @@ static int walk_mapping(ctx *x, int sec, const yaml_node_t *map) {
         }
         const char *name = (const char *)k->data.scalar.value;
         quote_text(name, k->data.scalar.length, q, sizeof q);
-        int s = sec == S_TOP ? find_section(name) : -1;
+        int s = find_child(sec, name);
         int id = s >= 0 ? -1 : find_key_in(sec, name);
         if (s < 0 && id < 0) {
             list_names(sec, names, sizeof names);
@@ -744,7 +822,7 @@ static int walk_mapping(ctx *x, int sec, const yaml_node_t *map) {
         const yaml_node_t *v = yaml_document_get_node(x->doc, p->value);
         if (!k || !v) return tp_fail(x->err, TP_EFORMAT, "%s: broken YAML document", x->file);
         const char *name = (const char *)k->data.scalar.value;
-        int s = sec == S_TOP ? find_section(name) : -1;
+        int s = find_child(sec, name);
         if (s >= 0) {
             if ((rc = check_tag(x, sec_names[s], -1, v))) return rc;
             if (v->type != YAML_MAPPING_NODE) {
@@ -878,10 +956,14 @@ int tp_train_cfg_set(tp_train_cfg *c, const char *kv, tp_err *err) {
             return tp_fail(err, TP_EINVAL, "--set %s: '%s' is a section; set one of its keys: %s.<key> with <key> "
                            "one of: %s", key, key, key, names);
         }
-        if (dot) {
+        if (dot) { /* the innermost section named: data.alpaca of data.alpaca.x, else data */
             char secname[64];
-            snprintf(secname, sizeof secname, "%.*s", (int)(dot - key), key);
-            s = find_section(secname);
+            const char *last = strrchr(key, '.');
+            snprintf(secname, sizeof secname, "%.*s", (int)(last - key), key);
+            if ((s = find_section(secname)) < 0) {
+                snprintf(secname, sizeof secname, "%.*s", (int)(dot - key), key);
+                s = find_section(secname);
+            }
         }
         list_names(s >= 0 ? s : S_TOP, names, sizeof names);
         return tp_fail(err, TP_EINVAL, "--set %s: unknown key '%s' (expected one of: %s%s)", key, key, names,
@@ -917,8 +999,68 @@ static const char *name_of(const char *const *ch, int i) {
     return i >= 0 && i < n ? ch[i] : "?";
 }
 
+/* Occurrences of pat in s. */
+static int count_of(const char *s, const char *pat) {
+    int n = 0;
+    for (const char *p = strstr(s, pat); p; p = strstr(p + strlen(pat), pat)) n++;
+    return n;
+}
+
+/* Template t must hold placeholder ph exactly `want` times (0 or 1). */
+static int check_placeholder(const char *key, const char *t, const char *ph, int want, tp_err *err) {
+    int n = count_of(t, ph);
+    if (n == want) return TP_OK;
+    if (want) return tp_fail(err, TP_EINVAL, "%s: the template must contain %s exactly once, found %d", key, ph, n);
+    return tp_fail(err, TP_EINVAL, "%s: the template must not contain %s", key, ph);
+}
+
+static int one_of(const char *v, const char *const *ch) {
+    for (; *ch; ch++)
+        if (!strcmp(v, *ch)) return 1;
+    return 0;
+}
+
+int tp_train_cfg_check_data(const tp_train_cfg *c, tp_err *err) {
+    struct stat st;
+    const tp_data_cfg *d = &c->data;
+    int tokens = !strcmp(d->format, "tokens");
+    if (!one_of(d->format, ch_format))
+        return tp_fail(err, TP_EINVAL, "data.format must be tokens, text, alpaca or chat, got '%s'", d->format);
+    if (!d->path[0]) return tp_fail(err, TP_EINVAL, "data.path: not set (the %s)", tokens ? "token file" : "data file");
+    if (stat(d->path, &st) != 0) return tp_fail(err, TP_EINVAL, "data.path: %s: no such file", d->path);
+    if (S_ISDIR(st.st_mode))
+        return tp_fail(err, TP_EINVAL, "data.path: %s: is a directory (expected a %s)", d->path,
+                       tokens ? "token file" : "JSONL or .txt file");
+    if (d->seq_len < 2) return tp_fail(err, TP_EINVAL, "data.seq_len must be >= 2, got %lld", (long long)d->seq_len);
+    if (!one_of(d->long_docs, ch_long_docs))
+        return tp_fail(err, TP_EINVAL, "data.long_docs must be split or drop, got '%s'", d->long_docs);
+    if (!one_of(d->packing, ch_packing))
+        return tp_fail(err, TP_EINVAL, "data.packing must be pack or pad, got '%s'", d->packing);
+    if (!one_of(d->bad_records, ch_bad))
+        return tp_fail(err, TP_EINVAL, "data.bad_records must be skip or abort, got '%s'", d->bad_records);
+    if (!one_of(d->txt_unit, ch_txt_unit))
+        return tp_fail(err, TP_EINVAL, "data.txt_unit must be line, paragraph or document, got '%s'", d->txt_unit);
+    if (!one_of(d->add_bos, ch_add_bos))
+        return tp_fail(err, TP_EINVAL, "data.add_bos must be auto, true or false, got '%s'", d->add_bos);
+    if (!d->text_field[0]) return tp_fail(err, TP_EINVAL, "data.text_field: empty (the JSONL field holding the text)");
+    if (tokens) return TP_OK;
+    if (!d->tokenizer[0] && !c->model_path[0])
+        return tp_fail(err, TP_EINVAL, "data.tokenizer: not set and no model.path to take the tokenizer from");
+    int rc;
+    if ((rc = check_placeholder("data.alpaca.prompt", d->alpaca_prompt, "{instruction}", 1, err)) ||
+        (rc = check_placeholder("data.alpaca.prompt", d->alpaca_prompt, "{input}", 1, err)) ||
+        (rc = check_placeholder("data.alpaca.prompt_no_input", d->alpaca_prompt_no_input, "{instruction}", 1, err)) ||
+        (rc = check_placeholder("data.alpaca.prompt_no_input", d->alpaca_prompt_no_input, "{input}", 0, err)) ||
+        (rc = check_placeholder("data.chat.system", d->chat_system, "{content}", 1, err)) ||
+        (rc = check_placeholder("data.chat.user", d->chat_user, "{content}", 1, err)) ||
+        (rc = check_placeholder("data.chat.assistant", d->chat_assistant, "{content}", 1, err)))
+        return rc;
+    return TP_OK;
+}
+
 int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
     struct stat st;
+    int rc;
     const tp_decoder_opts *o = &c->dec;
     /* paths */
     if (!c->model_path[0])
@@ -929,16 +1071,7 @@ int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
     if (!c->run_dir[0]) return tp_fail(err, TP_EINVAL, "run.dir: not set (where checkpoints and metrics go)");
     if (stat(c->run_dir, &st) == 0 && !S_ISDIR(st.st_mode))
         return tp_fail(err, TP_EINVAL, "run.dir: %s: exists and is not a directory", c->run_dir);
-    if (strcmp(c->data.format, "tokens"))
-        return tp_fail(err, TP_EUNSUP, "data.format: '%s' is not supported yet (supported: tokens)", c->data.format);
-    if (!c->data.path[0]) return tp_fail(err, TP_EINVAL, "data.path: not set (the token file)");
-    if (stat(c->data.path, &st) != 0) return tp_fail(err, TP_EINVAL, "data.path: %s: no such file", c->data.path);
-    if (S_ISDIR(st.st_mode))
-        return tp_fail(err, TP_EINVAL, "data.path: %s: is a directory (expected a token file)", c->data.path);
-    if (c->data.seq_len < 2)
-        return tp_fail(err, TP_EINVAL, "data.seq_len must be >= 2, got %lld", (long long)c->data.seq_len);
-    if (strcmp(c->data.long_docs, "split") && strcmp(c->data.long_docs, "drop"))
-        return tp_fail(err, TP_EINVAL, "data.long_docs must be split or drop, got '%s'", c->data.long_docs);
+    if ((rc = tp_train_cfg_check_data(c, err))) return rc;
     /* batch */
     if (world_size < 1) return tp_fail(err, TP_EINVAL, "world size must be >= 1, got %d", world_size);
     if (c->global_batch < 1) {
@@ -1025,7 +1158,7 @@ int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
     if (!(isfinite(c->adamw.eps) && c->adamw.eps >= 0))
         return tp_fail(err, TP_EINVAL, "optimizer.eps must be a finite number >= 0, got %g", c->adamw.eps);
     /* the optimizer's own validators, as a backstop for what it requires */
-    int rc = tp_lr_schedule_validate(&c->sched, err);
+    rc = tp_lr_schedule_validate(&c->sched, err);
     if (rc) return tp_err_prefix(err, "optimizer/schedule");
     if ((rc = tp_adamw_cfg_validate(&c->adamw, err))) return tp_err_prefix(err, "optimizer");
     /* run housekeeping */
@@ -1059,10 +1192,36 @@ char *tp_train_cfg_resume_json(const tp_train_cfg *c) {
     /* keys in sorted order at every level */
     cJSON *batch = cJSON_AddObjectToObject(root, "batch");
     ok &= batch && add_int(batch, "global", (long long)c->global_batch);
+    /* data: what decides the rows; for text formats also every option that
+     * changes the tokens (the tokenizer as its path string, like model.path) */
+    const tp_data_cfg *dc = &c->data;
+    const char *f = dc->format;
+    int text = !strcmp(f, "text"), alpaca = !strcmp(f, "alpaca"), chat = !strcmp(f, "chat");
     cJSON *data = cJSON_AddObjectToObject(root, "data");
-    ok &= data && cJSON_AddStringToObject(data, "format", c->data.format) &&
-          cJSON_AddStringToObject(data, "long_docs", c->data.long_docs) &&
-          cJSON_AddStringToObject(data, "path", c->data.path) && add_int(data, "seq_len", (long long)c->data.seq_len);
+    ok &= data != NULL;
+    if (ok && (text || alpaca || chat))
+        ok &= cJSON_AddStringToObject(data, "add_bos", dc->add_bos) &&
+              cJSON_AddBoolToObject(data, "add_eos", dc->add_eos != 0);
+    if (ok && alpaca) {
+        cJSON *a = cJSON_AddObjectToObject(data, "alpaca");
+        ok &= a && cJSON_AddStringToObject(a, "prompt", dc->alpaca_prompt) &&
+              cJSON_AddStringToObject(a, "prompt_no_input", dc->alpaca_prompt_no_input);
+    }
+    if (ok && chat) {
+        cJSON *ch = cJSON_AddObjectToObject(data, "chat");
+        ok &= ch && cJSON_AddStringToObject(ch, "assistant", dc->chat_assistant) &&
+              cJSON_AddStringToObject(ch, "system", dc->chat_system) &&
+              cJSON_AddStringToObject(ch, "user", dc->chat_user);
+    }
+    ok &= ok && cJSON_AddStringToObject(data, "format", f) && cJSON_AddStringToObject(data, "long_docs", dc->long_docs) &&
+          cJSON_AddStringToObject(data, "packing", dc->packing) && cJSON_AddStringToObject(data, "path", dc->path) &&
+          add_int(data, "seq_len", (long long)dc->seq_len);
+    if (ok && text)
+        ok &= cJSON_AddStringToObject(data, "text_field", dc->text_field) != NULL;
+    if (ok && (text || alpaca || chat))
+        ok &= cJSON_AddStringToObject(data, "tokenizer", dc->tokenizer) != NULL;
+    if (ok && text)
+        ok &= cJSON_AddStringToObject(data, "txt_unit", dc->txt_unit) != NULL;
     cJSON *liza = ok ? cJSON_AddObjectToObject(root, "liza") : NULL;
     ok &= liza && cJSON_AddStringToObject(liza, "alpha_gate", name_of(ch_gate, o->liza.alpha_gate)) &&
           cJSON_AddBoolToObject(liza, "base_scale_attn", o->liza.base_scale_attn != 0) &&

@@ -15,13 +15,36 @@
 
 #define TP_PATH_MAX 1024
 
+#define TP_TEMPLATE_MAX 2048
+
+/* Default templates (docs/data.md): Stanford Alpaca's prompts, ChatML. */
+#define TP_ALPACA_PROMPT                                                                                           \
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a " \
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### "               \
+    "Input:\n{input}\n\n### Response:\n"
+#define TP_ALPACA_PROMPT_NO_INPUT                                                                          \
+    "Below is an instruction that describes a task. Write a response that appropriately completes the " \
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+#define TP_CHAT_SYSTEM "<|im_start|>system\n{content}<|im_end|>\n"
+#define TP_CHAT_USER "<|im_start|>user\n{content}<|im_end|>\n"
+#define TP_CHAT_ASSISTANT "<|im_start|>assistant\n{content}<|im_end|>\n"
+
 typedef struct tp_data_cfg {
-    char format[16];         /* "tokens" (this issue); "text", "alpaca", "chat" later */
+    char format[16];         /* "tokens" (default), "text", "alpaca", "chat" */
     char path[TP_PATH_MAX];  /* shard file (tokens) or source file */
     int64_t seq_len;         /* tokens per row, default 512 */
     char long_docs[8];       /* "split" (default) or "drop": documents longer than seq_len */
-    char tokenizer[TP_PATH_MAX]; /* later formats: tokenizer dir (default: the model dir) */
-    char cache_dir[TP_PATH_MAX]; /* later formats */
+    char packing[8];         /* "pack" (default) or "pad": one document per row */
+    char tokenizer[TP_PATH_MAX]; /* tokenizer dir or tokenizer.json ("" = model.path) */
+    char cache_dir[TP_PATH_MAX]; /* tokenized shards ("" = <run.dir>/data-cache) */
+    char bad_records[8];     /* "skip" (default) or "abort" */
+    char text_field[128];    /* text: the JSONL field, default "text" */
+    char txt_unit[16];       /* text, .txt files: "line" (default), "paragraph", "document" */
+    char add_bos[8];         /* "auto" (default: as the tokenizer does), "true", "false" */
+    int add_eos;             /* default 1 */
+    char alpaca_prompt[TP_TEMPLATE_MAX];          /* {instruction}, {input} */
+    char alpaca_prompt_no_input[TP_TEMPLATE_MAX]; /* {instruction} */
+    char chat_system[TP_TEMPLATE_MAX], chat_user[TP_TEMPLATE_MAX], chat_assistant[TP_TEMPLATE_MAX]; /* {content} */
 } tp_data_cfg;
 
 typedef struct tp_train_cfg {
@@ -54,6 +77,8 @@ int tp_train_cfg_set(tp_train_cfg *c, const char *kv, tp_err *err);
 /* Cross-field checks that need the world size (global batch divisible by
  * ranks x micro, ...). Called by the trainer after MPI_Init. */
 int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err);
+/* The data.* part of tp_train_cfg_check (what `tptt prepare-data` needs). */
+int tp_train_cfg_check_data(const tp_train_cfg *c, tp_err *err);
 
 /* Canonical JSON of every field that makes a resume meaningless when it
  * changes (base model, LiZA variant, LoRA rank/targets, trainable set,

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "data/dataset.h"
+#include "data/textdata.h"
 #include "io/hf_model.h"
 #include "model/run_json.h"
 #include "train/checkpoint.h"
@@ -273,13 +274,37 @@ static int setup(run *R, tp_err *err) {
     }
     R->used = o.matmul;
     if ((rc = tp_decoder_create(R->hf, &o, &R->m, err))) return rc;
-    if ((rc = tp_dataset_open(c->data.path, c->data.seq_len, !strcmp(c->data.long_docs, "drop"), &R->data, err)))
-        return rc;
+    return TP_OK;
+}
+
+/* Text formats: the tokenizer, checked against the model's vocabulary. */
+static int setup_tokenizer(run *R, tp_tokenizer **tok, tp_err *err) {
+    const tp_train_cfg *c = R->cfg;
+    *tok = NULL;
+    if (!strcmp(c->data.format, "tokens")) return TP_OK;
+    int rc = tp_textdata_tokenizer(c, tok, err);
+    if (rc) return rc;
+    if ((int64_t)tp_tokenizer_vocab_size(*tok) > (int64_t)R->hf->cfg.vocab)
+        return tp_fail(err, TP_EINVAL,
+                       "data.tokenizer: %s has token ids up to %d, outside the model's vocabulary (vocab_size %lld in "
+                       "%s/config.json)",
+                       c->data.tokenizer[0] ? c->data.tokenizer : c->model_path, tp_tokenizer_vocab_size(*tok) - 1,
+                       (long long)R->hf->cfg.vocab, c->model_path);
+    return TP_OK;
+}
+
+/* After the (collective) data preparation: rows, sampler, buffers. */
+static int setup_data(run *R, const char *shard, tp_err *err) {
+    const tp_train_cfg *c = R->cfg;
+    int flags = (!strcmp(c->data.long_docs, "drop") ? TP_DATA_DROP_LONG : 0) |
+                (!strcmp(c->data.packing, "pad") ? TP_DATA_PAD : 0);
+    int rc;
+    if ((rc = tp_dataset_open(shard, c->data.seq_len, flags, &R->data, err))) return rc;
     if (tp_dataset_max_token(R->data) >= (uint64_t)R->hf->cfg.vocab)
         return tp_fail(err, TP_EINVAL, "%s: token id %llu is outside the model's vocabulary (vocab_size %lld in %s/config.json)",
-                       c->data.path, (unsigned long long)tp_dataset_max_token(R->data), (long long)R->hf->cfg.vocab,
+                       shard, (unsigned long long)tp_dataset_max_token(R->data), (long long)R->hf->cfg.vocab,
                        c->model_path);
-    if (tp_dataset_rows(R->data) < 1) return tp_fail(err, TP_EINVAL, "%s: no training rows", c->data.path);
+    if (tp_dataset_rows(R->data) < 1) return tp_fail(err, TP_EINVAL, "%s: no training rows", shard);
     if ((rc = tp_sampler_create(tp_dataset_rows(R->data), c->global_batch, c->dec.seed, &R->sampler, err))) return rc;
     if ((rc = tp_grad_sync_create(R->m, c->bucket_mb, R->d->world, &R->sync, err))) return rc;
     size_t n = tp_decoder_numel(R->m);
@@ -383,11 +408,26 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
         if (d->rank == 0) fprintf(stderr, "tptt: %s\n", err.msg);
         return TP_EXIT_USAGE;
     }
+    /* data preparation is collective: every rank enters it or none does */
+    tp_tokenizer *tok = NULL;
+    char *shard = NULL;
     rc = setup(&R, &err);
+    if (rc == TP_OK) rc = setup_tokenizer(&R, &tok, &err);
+    if (tp_dist_max_int(rc != TP_OK) == 0) {
+        rc = tp_textdata_prepare(cfg, tok, d, &shard, &err);
+        if (rc == TP_OK) rc = setup_data(&R, shard, &err);
+    } else if (rc == TP_OK) {
+        rc = TP_EINVAL;
+        err.msg[0] = 0; /* another rank failed and says why */
+    }
+    if (tok) tp_tokenizer_free(tok);
+    free(shard);
     if (rc == TP_OK) rc = resume(&R, resume_mode, &err);
-    /* a failure on any rank stops every rank with the message */
+    /* a failure on any rank stops every rank; the lowest rank with a message prints it */
+    int has_msg = rc != TP_OK && err.msg[0];
+    int first = d->world - tp_dist_max_int(has_msg ? d->world - d->rank : 0);
     if (tp_dist_max_int(rc != TP_OK)) {
-        if (rc != TP_OK) fprintf(stderr, "tptt: %s\n", err.msg);
+        if (has_msg && d->rank == first) fprintf(stderr, "tptt: %s\n", err.msg);
         teardown(&R);
         return TP_EXIT_ERROR;
     }

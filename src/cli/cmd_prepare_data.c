@@ -1,0 +1,79 @@
+/* cmd_prepare_data.c - `tptt prepare-data CONFIG.yaml [--set key=value]...`:
+ * the data step of `tptt train` alone (tokenize into the cache, or find the
+ * cached shard), so a large data set can be prepared on many ranks before
+ * training; prints the shard's path (docs/data.md). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "data/textdata.h"
+#include "dist/dist.h"
+#include "train/config.h"
+
+static void usage(FILE *fp) {
+    fprintf(fp,
+            "usage: [mpirun -np N] tptt prepare-data CONFIG.yaml [--set key=value]...\n"
+            "\n"
+            "Runs the data step of `tptt train CONFIG.yaml` alone: for data.format text, alpaca or\n"
+            "chat, tokenizes data.path into data.cache_dir (in parallel over the MPI ranks) unless\n"
+            "a cached shard for the same source, tokenizer and options exists. Prints the token\n"
+            "shard's path on stdout. Only the data.* keys (and model.path, run.dir for their\n"
+            "defaults) are used.\n");
+}
+
+int tp_cmd_prepare_data(int argc, char **argv) {
+    const char *config = NULL;
+    const char *sets[256];
+    int nsets = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        } else if ((!strcmp(argv[i], "--set") && i + 1 < argc) || !strncmp(argv[i], "--set=", 6)) {
+            if (nsets == 256) { fprintf(stderr, "tptt: prepare-data: too many --set options\n"); return 2; }
+            sets[nsets++] = argv[i][5] == '=' ? argv[i] + 6 : argv[++i];
+        } else if (argv[i][0] == '-') {
+            fprintf(stderr, "tptt: prepare-data: unknown or incomplete option '%s' (see --help)\n", argv[i]);
+            return 2;
+        } else if (!config) {
+            config = argv[i];
+        } else {
+            fprintf(stderr, "tptt: prepare-data: more than one config file given ('%s', '%s')\n", config, argv[i]);
+            return 2;
+        }
+    }
+    if (!config) {
+        usage(stderr);
+        return 2;
+    }
+    tp_dist d;
+    tp_err err = {0};
+    if (tp_dist_init(&argc, &argv, &d, &err)) return tp_cli_error(err.msg);
+    static tp_train_cfg cfg; /* large: keep it off the stack */
+    int rc = tp_train_cfg_load(config, &cfg, &err);
+    for (int i = 0; rc == TP_OK && i < nsets; i++) rc = tp_train_cfg_set(&cfg, sets[i], &err);
+    if (rc == TP_OK) rc = tp_train_cfg_check_data(&cfg, &err);
+    if (rc != TP_OK) {
+        if (d.rank == 0) fprintf(stderr, "tptt: %s\n", err.msg);
+        tp_dist_finalize();
+        return 2;
+    }
+    tp_tokenizer *tok = NULL;
+    char *shard = NULL;
+    if (strcmp(cfg.data.format, "tokens")) rc = tp_textdata_tokenizer(&cfg, &tok, &err);
+    if (tp_dist_max_int(rc != TP_OK) == 0) rc = tp_textdata_prepare(&cfg, tok, &d, &shard, &err);
+    else if (rc == TP_OK) {
+        rc = TP_EINVAL;
+        err.msg[0] = 0; /* another rank failed and says why */
+    }
+    /* the lowest rank with a message prints it */
+    int has_msg = rc != TP_OK && err.msg[0];
+    int first = d.world - tp_dist_max_int(has_msg ? d.world - d.rank : 0);
+    if (has_msg && d.rank == first) fprintf(stderr, "tptt: %s\n", err.msg);
+    if (rc == TP_OK && d.rank == 0) printf("%s\n", shard);
+    if (tok) tp_tokenizer_free(tok);
+    free(shard);
+    tp_dist_finalize();
+    return rc == TP_OK ? 0 : 1;
+}
