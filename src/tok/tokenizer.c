@@ -6,6 +6,7 @@
 
 #include <cjson/cJSON.h>
 #include <pcre2.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -313,6 +314,54 @@ void tp_tokenizer_free(tp_tokenizer *t) {
 }
 
 /* ---- loading ---------------------------------------------------------------- */
+
+/* cJSON makes ~1M small allocations for a 150k-token tokenizer.json; they all
+ * die together, so during a load cJSON allocates from an arena instead (10x
+ * fewer malloc calls; under ASan with full unwinding, 1.5 s instead of 30 s).
+ * The hooks are process-global: loading is not thread-safe. */
+typedef struct arena_block {
+    struct arena_block *next;
+    size_t used, cap;
+    max_align_t data[];
+} arena_block;
+static arena_block *json_arena;
+
+static void *arena_alloc(size_t n) {
+    n = (n + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t);
+    arena_block *b = json_arena;
+    if (!b || b->cap - b->used < n) {
+        size_t cap = n > (1u << 18) ? n : (1u << 20);
+        b = malloc(sizeof *b + cap);
+        if (!b) return NULL;
+        b->cap = cap, b->used = 0;
+        if (json_arena && n > (1u << 18)) { /* keep filling the current block */
+            b->next = json_arena->next;
+            json_arena->next = b;
+        } else {
+            b->next = json_arena;
+            json_arena = b;
+        }
+    }
+    void *p = (char *)b->data + b->used;
+    b->used += n;
+    return p;
+}
+
+static void arena_free_one(void *p) { (void)p; }
+
+static void arena_begin(void) {
+    cJSON_Hooks h = {arena_alloc, arena_free_one};
+    cJSON_InitHooks(&h);
+}
+
+static void arena_end(void) {
+    cJSON_InitHooks(NULL);
+    while (json_arena) {
+        arena_block *n = json_arena->next;
+        free(json_arena);
+        json_arena = n;
+    }
+}
 
 typedef struct loader {
     tp_tokenizer *t;
@@ -795,6 +844,7 @@ int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) {
     tp_tokenizer *t = tp_calloc(1, sizeof *t, err);
     char *txt = NULL;
     size_t len = 0;
+    int arena_on = 0;
     cJSON *root = NULL;
     int rc = !jpath || !cpath || !t ? TP_ENOMEM : TP_OK;
     if (!rc) {
@@ -811,6 +861,8 @@ int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) {
     XXH64_reset(&h, 0);
     if (!rc) {
         XXH64_update(&h, txt, len);
+        arena_begin();
+        arena_on = 1;
         root = cJSON_ParseWithLength(txt, len);
         if (!cJSON_IsObject(root)) {
             const char *e = cJSON_GetErrorPtr();
@@ -849,6 +901,7 @@ int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) {
         t->sp_split = !t->byte_level && t->npre == 0 && !tp_bpe_any_token_has_inner(t->bpe, "\xE2\x96\x81", 3);
     }
     cJSON_Delete(root);
+    if (arena_on) arena_end();
     free(txt);
     free(jpath);
     free(cpath);
