@@ -743,14 +743,21 @@ static void test_resume_json(void) {
     set_ok(&d, "batch.global=8");
     char *jd = tp_train_cfg_resume_json(&d);
     const char *want =
-        "{\"batch\":{\"global\":8},\"data\":{\"format\":\"tokens\",\"long_docs\":\"split\",\"packing\":\"pack\","
-        "\"path\":\"/d.tok\","
+        "{\"batch\":{\"global\":8},\"data\":{\"format\":\"tokens\",\"long_docs\":\"split\",\"path\":\"/d.tok\","
         "\"seq_len\":512},\"liza\":{\"alpha_gate\":\"c\",\"base_scale_attn\":false,\"beta_gate\":\"k\","
         "\"chunk_size\":64,\"enabled\":true,\"linear\":true,\"order\":1,\"trick\":\"dt\"},\"lora\":{\"alpha\":16,"
         "\"r\":8,\"rslora\":false,\"target_modules\":[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\"]},\"mag\":{"
         "\"cross_gate\":false,\"learnable_shape\":\"scalar\",\"mode\":\"constant\"},\"model\":{\"path\":\"/m\"},"
         "\"seed\":0,\"trainable\":\"lora\"}";
     CHECK_MSG(jd && !strcmp(jd, want), "resume JSON:\n%s", jd ? jd : "(null)");
+    /* data.packing appears only when not the default "pack": the JSON above is
+     * the one of checkpoints written before the key existed, which must resume */
+    tp_train_cfg dp = d;
+    set_ok(&dp, "data.packing=pad");
+    char *jp = tp_train_cfg_resume_json(&dp);
+    CHECK_MSG(jp && has(jp, "\"long_docs\":\"split\",\"packing\":\"pad\",\"path\":\"/d.tok\""), "packing=pad: %s",
+              jp ? jp : "(null)");
+    free(jp);
     /* text formats: every option that changes the tokens breaks a resume;
      * the cache and the bad-record policy do not */
     static const char *const fmts[] = {"data.format=text", "data.format=alpaca", "data.format=chat"};

@@ -13,6 +13,10 @@ as the independent record parser:
   documents against tokenize of the pieces;
 - 1, 2 and 3 ranks build byte-identical shards (JSONL, .txt paragraphs
   whose slices cut through paragraphs);
+- JSON array sources (alpaca, chat, text): on 2 and 3 ranks the shard is
+  byte for byte the one built from the same records as JSONL, bad elements
+  are reported by record number; a broken file is one error with line and
+  column;
 - the cache: a second run reuses the shard (log line, mtime unchanged), a
   changed template or source rebuilds it."""
 import json
@@ -259,6 +263,64 @@ def test_ranks(tmp):
     eq(len(docs), 300, ".txt paragraphs: 300 documents")
 
 
+def same_as_jsonl(tmp, name, records, fmt, tokdir, ranks, **data):
+    """Build records as a JSON array on each number of ranks and as JSONL on
+    one: the shards must be the same bytes; returns the array's sidecar."""
+    arr, jl = os.path.join(tmp, name + ".json"), os.path.join(tmp, name + ".jsonl")
+    with open(arr, "w") as f:
+        f.write("\n" + json.dumps(records, indent=1))
+    with open(jl, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    want, err, rc = prepare(config(tmp, name + "-jsonl", jl, fmt, tokdir, **data), what=name + " as JSONL")
+    if not check(rc == 0, name + " as JSONL", err):
+        return None
+    side = None
+    for n in ranks:
+        shard, err, rc = prepare(config(tmp, "%s-r%d" % (name, n), arr, fmt, tokdir, **data), ranks=n,
+                                 what="%s as a JSON array on %d ranks" % (name, n))
+        if check(rc == 0 and "a JSON array" in err, "%s as a JSON array on %d ranks" % (name, n), err):
+            check(open(shard, "rb").read() == open(want, "rb").read(),
+                  "%s: the JSON array on %d ranks gives the JSONL shard" % (name, n))
+            side = json.load(open(shard[:-4] + ".json"))
+    return side
+
+
+def test_json_array(tmp):
+    # the Alpaca fixture's records that are JSON at all (the others cannot sit in an array)
+    recs = []
+    for raw in open(ALPACA, "rb").read().split(b"\n"):
+        try:
+            recs.append(json.loads(raw.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            pass
+    recs *= 3  # so the slices of 2 and 3 ranks hold bad and good records
+    bad = [k + 1 for k, r in enumerate(recs) if not (isinstance(r, dict) and isinstance(r.get("instruction"), str)
+                                                     and isinstance(r.get("output"), str))]
+    # (one rank: tests/test_textdata.c; the tokenizers loaded here are Mistral's,
+    # which loads in 6 s under ASan, Qwen3's in 30 s)
+    side = same_as_jsonl(tmp, "arr-alpaca", recs, "alpaca", MISTRAL, ranks=(2, 3))
+    if side:
+        eq((side["records"], side["skipped"], side["bad_records"]), (len(recs), len(bad), bad[:10]),
+           "JSON array sidecar: counts and record numbers")
+        check(side["first_bad"].startswith("record %d: " % bad[0]) and "bad_lines" not in side,
+              "JSON array sidecar: records, not lines", side)
+    chats = [{"messages": [{"role": "user", "content": "Q%d" % i}, {"role": "assistant", "content": "A %d" % i}]}
+             for i in range(7)] + [{"messages": []}]
+    same_as_jsonl(tmp, "arr-chat", chats, "chat", MISTRAL, ranks=(3,))
+    texts = [{"text": "t%d" % i} for i in range(5)] + [{"text": ""}, {"text": 3}]
+    same_as_jsonl(tmp, "arr-text", texts, "text", MISTRAL, ranks=(2,))
+    # abort mode names the record; a broken file gives line and column on every rank count
+    arr = os.path.join(tmp, "arr-alpaca.json")
+    _, err, rc = prepare(config(tmp, "arr-abort", arr, "alpaca", MISTRAL, bad_records="abort"), ranks=2)
+    want = "%s: record %d: missing field 'output' (data.bad_records: abort" % (arr, bad[0])
+    check(rc == 1 and want in err, "JSON array abort mode names the record", err)
+    broken = os.path.join(tmp, "broken.json")
+    open(broken, "w").write('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": }\n]\n')
+    _, err, rc = prepare(config(tmp, "broken", broken, "alpaca", MISTRAL), ranks=2)
+    check(rc == 1 and err.count("%s:3:" % broken) == 1 and "not valid JSON" in err,
+          "broken JSON array on 2 ranks: one error with line and column", err)
+
+
 def test_cache(tmp):
     src = os.path.join(tmp, "mine.jsonl")
     shutil.copy(ALPACA, src)
@@ -298,7 +360,7 @@ def test_cache(tmp):
 def main():
     tmp = tempfile.mkdtemp(prefix="tptt-textdata-")
     try:
-        for fn in (test_alpaca, test_chat, test_text, test_ranks, test_cache):
+        for fn in (test_alpaca, test_chat, test_text, test_ranks, test_json_array, test_cache):
             kit.call(fn, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,12 +6,15 @@
  * - documents: the ids are [BOS] + encode(each piece) + [EOS] with the
  *   pieces and templates written out here (Stanford Alpaca, ChatML), the
  *   mask 0 on the prompt and 1 on the response; placeholders in values are
- *   not substituted; NUL survives; BOS/EOS options;
+ *   not substituted; NUL survives; BOS/EOS options; no second EOS after a
+ *   document that already ends with it;
  * - every kind of bad record gives its reason;
  * - prepare (one rank): .txt units, bad-record counts and line numbers in
  *   the sidecar, abort mode, no usable records, cache reuse (file untouched)
- *   and invalidation by the source bytes or a template. The multi-rank
- *   build is tests/test_textdata.py. */
+ *   and invalidation by the source bytes or a template;
+ * - JSON array sources: the same shard as the records as JSONL, record
+ *   numbers for bad elements, a broken file named with line and column.
+ * The multi-rank build is tests/test_prepare_data.py. */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -205,6 +208,49 @@ static void test_text(void) {
     CHECK(tp_textspec_init(&c, mistral, &sp, &err) == TP_OK);
     CHECK(tp_textdoc_build(&sp, "{\"body\":\"\"}", 11, &d, why, sizeof why, &err) == TP_REC_EMPTY);
     tp_textdoc_free(&d);
+}
+
+/* EOS is appended unless the document already ends with the EOS token. */
+static void test_eos_rule(void) {
+    tp_train_cfg c;
+    base_cfg(&c, "chat", "qwen3");
+    const char *rec =
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"yo\"}]}";
+    want w = {0};
+    /* default ChatML: the document ends with "<|im_end|>\n", so EOS follows */
+    w_str(&w, qwen, "<|im_start|>user\nhi<|im_end|>\n", 0);
+    w_str(&w, qwen, "<|im_start|>assistant\n", 0);
+    w_str(&w, qwen, "yo<|im_end|>\n", 1);
+    w_id(&w, 151645, 1);
+    expect_str("ChatML ends with a newline: EOS appended", &c, qwen, rec, &w, 1);
+    /* an assistant template that ends with <|im_end|>: no second one */
+    snprintf(c.data.chat_assistant, sizeof c.data.chat_assistant, "<|im_start|>assistant\n{content}<|im_end|>");
+    w.n = 0;
+    w_str(&w, qwen, "<|im_start|>user\nhi<|im_end|>\n", 0);
+    w_str(&w, qwen, "<|im_start|>assistant\n", 0);
+    w_str(&w, qwen, "yo<|im_end|>", 1);
+    CHECK(w.ids[w.n - 1] == 151645 && w.ids[w.n - 2] != 151645);
+    expect_str("template ends with EOS: none added", &c, qwen, rec, &w, 1);
+    /* alpaca: an output ending with the EOS string */
+    base_cfg(&c, "alpaca", "mistral");
+    w.n = 0;
+    w_id(&w, 1, 0);
+    w_str(&w, mistral, ALPACA_HEAD_NI "x\n\n### Response:\n", 0);
+    w_str(&w, mistral, "y</s>", 1);
+    CHECK(w.ids[w.n - 1] == 2);
+    expect_str("alpaca output ends with </s>", &c, mistral, "{\"instruction\":\"x\",\"output\":\"y</s>\"}", &w, 1);
+    /* text: ends with the EOS string, or with it followed by a space */
+    base_cfg(&c, "text", "mistral");
+    w.n = 0;
+    w_id(&w, 1, 1);
+    w_str(&w, mistral, "end</s>", 1);
+    expect_str("text ends with </s>", &c, mistral, "{\"text\":\"end</s>\"}", &w, 0);
+    w.n = 0;
+    w_id(&w, 1, 1);
+    w_str(&w, mistral, "end</s> ", 1);
+    w_id(&w, 2, 1);
+    CHECK(w.ids[w.n - 2] != 2);
+    expect_str("text ends with </s> and a space", &c, mistral, "{\"text\":\"end</s> \"}", &w, 0);
 }
 
 static void expect_bad(const char *format, const char *field, const char *rec, size_t n, const char *need) {
@@ -419,7 +465,7 @@ static void test_cache_and_errors(void) {
     CHECK_MSG(rc != TP_OK && has(err.msg, need), "abort mode: %s", err.msg);
     free(s5);
     /* nothing usable */
-    put(src, "[]\n{}\n", 6);
+    put(src, "{}\n[]\n", 6); /* (a source starting with '[' would be a JSON array) */
     rc = prepare(&c2, mistral, &s5, &err);
     CHECK_MSG(rc != TP_OK && has(err.msg, "no usable records") && has(err.msg, "2 bad"), "%s", err.msg);
     put(src, "", 0);
@@ -441,6 +487,79 @@ static void test_cache_and_errors(void) {
     free(s2);
     free(s3);
     free(s4);
+}
+
+/* Whole file as bytes (shards hold NULs); *n its length. */
+static char *read_bin(const char *path, size_t *n) {
+    char *b = NULL;
+    tp_err err;
+    *n = 0;
+    if (!path || tp_read_file(path, 1 << 24, &b, n, &err) != TP_OK) return NULL;
+    return b;
+}
+
+static void test_json_array(void) {
+    char arr[512], jl[512], side[600];
+    snprintf(arr, sizeof arr, "%s/recs.json", tmp);
+    snprintf(jl, sizeof jl, "%s/recs.jsonl", tmp);
+    /* the same five records: as one JSON array (with leading whitespace, elements
+     * spread over lines) and as JSONL */
+    const char a_txt[] = " \n[\n  {\"instruction\": \"a\", \"output\": \"b\"},\n  {\"instruction\": \"c\"},\n"
+                         "  {\"instruction\": \"d\",\n   \"input\": \"e\", \"output\": \"f\\u0000g\"},\n  [],\n"
+                         "  {\"instruction\": \"h\", \"output\": \"i\"}\n]\n";
+    const char j_txt[] = "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\"}\n"
+                         "{\"instruction\": \"d\", \"input\": \"e\", \"output\": \"f\\u0000g\"}\n[]\n"
+                         "{\"instruction\": \"h\", \"output\": \"i\"}\n";
+    put(arr, a_txt, sizeof a_txt - 1);
+    put(jl, j_txt, sizeof j_txt - 1);
+    tp_train_cfg c, cj;
+    base_cfg(&c, "alpaca", "mistral");
+    snprintf(c.data.cache_dir, sizeof c.data.cache_dir, "%s/cache-arr", tmp);
+    cj = c;
+    snprintf(c.data.path, sizeof c.data.path, "%s", arr);
+    snprintf(cj.data.path, sizeof cj.data.path, "%s", jl);
+    char *sa = NULL, *sj = NULL, *s2 = NULL;
+    tp_err err = {0};
+    int rc = prepare(&c, mistral, &sa, &err);
+    CHECK_MSG(rc == TP_OK, "JSON array: %s", err.msg);
+    rc = prepare(&cj, mistral, &sj, &err);
+    CHECK_MSG(rc == TP_OK, "JSONL: %s", err.msg);
+    size_t na, nj;
+    char *ba = read_bin(sa, &na), *bj = read_bin(sj, &nj);
+    CHECK_MSG(ba && bj && na == nj && na > 48 && !memcmp(ba, bj, na), "JSON array and JSONL shards differ");
+    free(ba);
+    free(bj);
+    if (sa) {
+        snprintf(side, sizeof side, "%.*s.json", (int)strlen(sa) - 4, sa);
+        char *js = read_all(side);
+        CHECK_MSG(has(js, "\"records\":\t5") && has(js, "\"documents\":\t3") && has(js, "\"bad_records\":\t[2, 4]") &&
+                      has(js, "\"first_bad\":\t\"record 2: missing field 'output'\"") && !has(js, "bad_lines"),
+                  "array sidecar: %s", js ? js : "(none)");
+        free(js);
+    }
+    /* abort mode names the record */
+    snprintf(c.data.bad_records, sizeof c.data.bad_records, "abort");
+    char need[700];
+    snprintf(need, sizeof need, "%s: record 2: missing field 'output' (data.bad_records: abort", arr);
+    rc = prepare(&c, mistral, &s2, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, need), "array abort: %s", err.msg);
+    /* a broken file: one error with line and column, whatever bad_records says */
+    const char broken[] = "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": }\n]\n";
+    put(arr, broken, sizeof broken - 1);
+    snprintf(c.data.bad_records, sizeof c.data.bad_records, "skip");
+    snprintf(need, sizeof need, "%s:3:", arr);
+    rc = prepare(&c, mistral, &s2, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, need) && has(err.msg, "not valid JSON") && has(err.msg, "one JSON array"),
+              "broken array: %s", err.msg);
+    const char dup[] = "[{\"instruction\": \"a\", \"output\": \"b\", \"output\": \"c\"}]";
+    put(arr, dup, sizeof dup - 1);
+    rc = prepare(&c, mistral, &s2, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "duplicate"), "duplicate key: %s", err.msg);
+    put(arr, "[ ]", 3);
+    rc = prepare(&c, mistral, &s2, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "no usable records (0 records"), "empty array: %s", err.msg);
+    free(sa);
+    free(sj);
 }
 
 int main(void) {
@@ -465,9 +584,11 @@ int main(void) {
     test_alpaca();
     test_chat();
     test_text();
+    test_eos_rule();
     test_bad_records();
     test_txt_units();
     test_cache_and_errors();
+    test_json_array();
     tp_tokenizer_free(mistral);
     tp_tokenizer_free(qwen);
     char cmd[300];

@@ -3,7 +3,8 @@
  *
  * JSONL records are parsed with jansson: strings keep "\u0000" (cJSON would
  * cut them there) and invalid UTF-8 is refused, which makes such a record
- * bad rather than silently altered. */
+ * bad rather than silently altered. A source starting with '[' is one JSON
+ * array of records, parsed whole by every rank. */
 #include "data/textdata.h"
 
 #include <cjson/cJSON.h>
@@ -21,10 +22,11 @@
 #include "data/dataset.h"
 #include "util/fsutil.h"
 
-#define TD_VERSION 1     /* part of the cache key: bump when the documents a source gives change */
-#define TD_KEEP 10       /* bad-record line numbers kept for the report */
+#define TD_VERSION 2     /* part of the cache key: bump when the documents a source gives change */
+#define TD_KEEP 10       /* bad-record line (record) numbers kept for the report */
 #define TD_WHY 200       /* length of a bad record's reason */
 #define SIDECAR_MAX (1u << 20)
+#define TD_PROGRESS_S 10.0 /* rank 0 reports progress this often during a build */
 
 static double now_s(void) {
     struct timespec t;
@@ -179,11 +181,17 @@ static int str_field(const json_t *o, const char *where, const char *name, int o
     return 0;
 }
 
+/* EOS (mask 1) at the end, unless the document already ends with it (a
+ * template or text that closes with the EOS token itself). */
+static int end_doc(const tp_textspec *sp, tp_textdoc *d, tp_err *err) {
+    if (sp->eos < 0 || (d->ids.n && d->ids.ids[d->ids.n - 1] == sp->eos)) return TP_OK;
+    return push_id(d, sp->eos, 1, err);
+}
+
 static int build_text(const tp_textspec *sp, const char *s, size_t n, tp_textdoc *d, tp_err *err) {
     int rc = sp->bos >= 0 ? push_id(d, sp->bos, 1, err) : TP_OK;
     if (rc == TP_OK) rc = piece(sp, d, s, n, 1, err);
-    if (rc == TP_OK && sp->eos >= 0) rc = push_id(d, sp->eos, 1, err);
-    return rc;
+    return rc == TP_OK ? end_doc(sp, d, err) : rc;
 }
 
 /* [BOS] prompt | output [EOS]: prompt and output encoded separately, so the
@@ -205,7 +213,7 @@ static int build_alpaca(const tp_textspec *sp, const json_t *o, tp_textdoc *d, c
     if (rc == TP_OK && sp->bos >= 0) rc = push_id(d, sp->bos, 0, err);
     if (rc == TP_OK) rc = piece(sp, d, p.buf, p.len, 0, err);
     if (rc == TP_OK) rc = piece(sp, d, out, nout, 1, err);
-    if (rc == TP_OK && sp->eos >= 0) rc = push_id(d, sp->eos, 1, err);
+    if (rc == TP_OK) rc = end_doc(sp, d, err);
     tp_strbuf_free(&p);
     return rc;
 }
@@ -284,11 +292,14 @@ static int build_chat(const tp_textspec *sp, const json_t *o, tp_textdoc *d, cha
         render(&b, t + head, strlen(t + head), 1, names, vals, lens);
         if (rc == TP_OK && (rc = oom_if(&b, err)) == TP_OK) rc = piece(sp, d, b.buf, b.len, 1, err);
     }
-    if (rc == TP_OK && sp->eos >= 0) rc = push_id(d, sp->eos, 1, err);
+    if (rc == TP_OK) rc = end_doc(sp, d, err);
     tp_strbuf_free(&b);
     free(role);
     return rc;
 }
+
+static int build_json(const tp_textspec *sp, const json_t *root, tp_textdoc *doc, char *why, size_t nwhy,
+                      tp_err *err);
 
 int tp_textdoc_build(const tp_textspec *sp, const char *rec, size_t n, tp_textdoc *doc, char *why, size_t nwhy,
                      tp_err *err) {
@@ -311,7 +322,17 @@ int tp_textdoc_build(const tp_textspec *sp, const char *rec, size_t n, tp_textdo
             snprintf(why, nwhy, "not valid JSON: %s (column %d)", je.text, je.column);
         return TP_REC_BAD;
     }
+    int rc = build_json(sp, root, doc, why, nwhy, err);
+    json_decref(root);
+    return rc;
+}
+
+/* The document of one parsed record (a JSONL line, a JSON array element). */
+static int build_json(const tp_textspec *sp, const json_t *root, tp_textdoc *doc, char *why, size_t nwhy,
+                      tp_err *err) {
     int rc;
+    doc->ids.n = 0;
+    why[0] = 0;
     if (!json_is_object(root)) {
         snprintf(why, nwhy, "expected a JSON object, got %s", json_kind(root));
         rc = TP_REC_BAD;
@@ -325,7 +346,6 @@ int tp_textdoc_build(const tp_textspec *sp, const char *rec, size_t n, tp_textdo
         if (str_field(root, "", sp->dc->text_field, 0, &s, &len, why, nwhy)) rc = TP_REC_BAD;
         else rc = len ? build_text(sp, s, len, doc, err) : TP_REC_EMPTY;
     }
-    json_decref(root);
     return rc;
 }
 
@@ -334,7 +354,29 @@ int tp_textdoc_build(const tp_textspec *sp, const char *rec, size_t n, tp_textdo
 typedef struct src {
     const char *b;
     size_t n;
+    int array;   /* a JSON array of records (first non-blank byte '['), not JSONL */
+    json_t *arr; /* the parsed array while building */
 } src;
+
+static int is_json_array(const tp_textspec *sp, const src *s) {
+    size_t i = 0;
+    while (i < s->n && strchr(" \t\r\n", s->b[i]) && s->b[i]) i++;
+    return !sp->txt && i < s->n && s->b[i] == '[';
+}
+
+/* Every rank parses the whole array (the same bytes: all ranks agree). */
+static int parse_array(const char *file, src *s, tp_err *err) {
+    json_error_t je;
+    s->arr = json_loadb(s->b, s->n, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, &je);
+    if (!s->arr && json_error_code(&je) == json_error_out_of_memory)
+        return tp_fail(err, TP_ENOMEM, "%s: out of memory parsing the JSON array", file);
+    if (!s->arr)
+        return tp_fail(err, TP_EFORMAT,
+                       "%s:%d:%d: not valid JSON: %s (a source whose first non-blank character is '[' is read as one "
+                       "JSON array of records)",
+                       file, je.line, je.column, je.text);
+    return TP_OK;
+}
 
 static size_t line_end(const src *s, size_t p) {
     const char *q = memchr(s->b + p, '\n', s->n - p);
@@ -375,37 +417,62 @@ typedef struct stats {
 typedef struct builder {
     const tp_textspec *sp;
     const char *file;
-    int abort_bad;
+    int abort_bad, array;
     tp_shard_writer *w;
     tp_textdoc doc;
     stats st;
     tp_err *err;
+    /* progress (rank 0): the slice's size in bytes and, for arrays, records */
+    int report;
+    double t0, t_last;
+    size_t slice_bytes;
+    uint64_t slice_recs;
 } builder;
 
-/* One record starting on line `line`; returns TP_OK to go on. */
-static int record(builder *B, const char *s, size_t n, uint64_t line) {
+/* Rank 0, at most every TD_PROGRESS_S: how far its slice is (bytes done, or
+ * for arrays records done; MB/s from the share of the slice's bytes). */
+static void progress(builder *B, size_t bytes_done, uint64_t recs_done) {
+    double t = now_s();
+    if (!B->report || t - B->t_last < TD_PROGRESS_S) return;
+    B->t_last = t;
+    double mb = B->array && B->slice_recs ? 1e-6 * (double)B->slice_bytes * (double)recs_done / (double)B->slice_recs
+                                          : 1e-6 * (double)bytes_done;
+    double pct = B->array ? (B->slice_recs ? 100.0 * (double)recs_done / (double)B->slice_recs : 100.0)
+                          : (B->slice_bytes ? 100.0 * (double)bytes_done / (double)B->slice_bytes : 100.0);
+    if (B->array)
+        fprintf(stderr, "tptt: data: rank 0: %llu of %llu records of its slice (%.0f%%), %.1f MB/s\n",
+                (unsigned long long)recs_done, (unsigned long long)B->slice_recs, pct, mb / (t - B->t0));
+    else
+        fprintf(stderr, "tptt: data: rank 0: %llu records, %.1f of %.1f MB of its slice (%.0f%%), %.1f MB/s\n",
+                (unsigned long long)recs_done, mb, 1e-6 * (double)B->slice_bytes, pct, mb / (t - B->t0));
+}
+
+/* One record: a JSONL line or .txt text (s, n) starting on line `no`, or
+ * element `no` (from 1) of a JSON array (v); returns TP_OK to go on. */
+static int record(builder *B, const char *s, size_t n, const json_t *v, uint64_t no) {
     char why[TD_WHY];
     B->st.records++;
-    int r = tp_textdoc_build(B->sp, s, n, &B->doc, why, sizeof why, B->err);
+    int r = v ? build_json(B->sp, v, &B->doc, why, sizeof why, B->err)
+              : tp_textdoc_build(B->sp, s, n, &B->doc, why, sizeof why, B->err);
     if (r < 0) return r;
     if (r == TP_REC_EMPTY) {
         B->st.empty++;
         return TP_OK;
     }
     if (r == TP_REC_BAD) {
-        if (B->st.bad < TD_KEEP) B->st.bad_lines[B->st.bad] = line;
+        if (B->st.bad < TD_KEEP) B->st.bad_lines[B->st.bad] = no;
         if (!B->st.bad++) snprintf(B->st.why, sizeof B->st.why, "%s", why);
         if (B->abort_bad)
-            return tp_fail(B->err, TP_EFORMAT, "%s:%llu: %s (data.bad_records: abort; 'skip' skips such records)",
-                           B->file, (unsigned long long)line, why);
+            return tp_fail(B->err, TP_EFORMAT, "%s:%s%llu: %s (data.bad_records: abort; 'skip' skips such records)",
+                           B->file, B->array ? " record " : "", (unsigned long long)no, why);
         return TP_OK;
     }
-    const tp_ids *v = &B->doc.ids;
-    int rc = tp_shard_writer_add(B->w, (const uint32_t *)v->ids, B->sp->format == TP_TEXT_TEXT ? NULL : B->doc.mask,
-                                 v->n, B->err);
+    const tp_ids *ids = &B->doc.ids;
+    int rc = tp_shard_writer_add(B->w, (const uint32_t *)ids->ids, B->sp->format == TP_TEXT_TEXT ? NULL : B->doc.mask,
+                                 ids->n, B->err);
     if (rc == TP_OK) {
         B->st.docs++;
-        B->st.tokens += v->n;
+        B->st.tokens += ids->n;
     }
     return rc;
 }
@@ -417,7 +484,7 @@ static int scan(builder *B, const src *s, size_t L, size_t Lnext, uint64_t first
     int rc = TP_OK;
     uint64_t line = first_line;
     if (sp->txt && sp->unit == TP_UNIT_DOCUMENT) /* the whole file is one record, rank of byte 0 */
-        return L == 0 && Lnext > 0 ? record(B, s->b, s->n, 1) : TP_OK;
+        return L == 0 && Lnext > 0 ? record(B, s->b, s->n, NULL, 1) : TP_OK;
     int prev_blank = 1; /* paragraphs: whether the line before p is blank */
     if (sp->txt && sp->unit == TP_UNIT_PARAGRAPH && L > 0 && L < Lnext) {
         const char *q = memrchr(s->b, '\n', L - 1);
@@ -428,9 +495,9 @@ static int scan(builder *B, const src *s, size_t L, size_t Lnext, uint64_t first
         size_t e = line_end(s, p);
         int blank = is_blank(s->b + p, e - p);
         if (!sp->txt) {
-            if (!blank) rc = record(B, s->b + p, e - p, line);
+            if (!blank) rc = record(B, s->b + p, e - p, NULL, line);
         } else if (sp->unit == TP_UNIT_LINE) {
-            if (!blank) rc = record(B, s->b + p, chomp(s, p, e) - p, line);
+            if (!blank) rc = record(B, s->b + p, chomp(s, p, e) - p, NULL, line);
         } else if (!blank && prev_blank) { /* a paragraph: this line to the next blank one */
             size_t last = e;
             for (size_t q = e; q < s->n;) {
@@ -439,10 +506,21 @@ static int scan(builder *B, const src *s, size_t L, size_t Lnext, uint64_t first
                 last = qe;
                 q = qe;
             }
-            rc = record(B, s->b + p, chomp(s, p, last) - p, line);
+            rc = record(B, s->b + p, chomp(s, p, last) - p, NULL, line);
         }
         prev_blank = blank;
         p = e + 1;
+        progress(B, (p < Lnext ? p : Lnext) - L, B->st.records);
+    }
+    return rc;
+}
+
+/* Elements [i0, i1) of a JSON array source; record numbers from 1. */
+static int scan_array(builder *B, const json_t *arr, size_t i0, size_t i1) {
+    int rc = TP_OK;
+    for (size_t i = i0; i < i1 && rc == TP_OK; i++) {
+        rc = record(B, NULL, 0, json_array_get(arr, i), (uint64_t)i + 1);
+        progress(B, 0, (uint64_t)(i + 1 - i0));
     }
     return rc;
 }
@@ -594,12 +672,13 @@ static char *sidecar_json(const tp_train_cfg *c, const tp_textspec *sp, const ch
     cJSON_AddNumberToObject(j, "tokens", (double)t->tokens);
     cJSON_AddNumberToObject(j, "empty", (double)t->empty);
     cJSON_AddNumberToObject(j, "skipped", (double)t->bad);
-    cJSON *bl = cJSON_AddArrayToObject(j, "bad_lines");
+    cJSON *bl = cJSON_AddArrayToObject(j, s->array ? "bad_records" : "bad_lines");
     for (uint64_t i = 0; bl && i < t->bad && i < TD_KEEP; i++)
         cJSON_AddItemToArray(bl, cJSON_CreateNumber((double)t->bad_lines[i]));
     if (t->bad) {
         char first[TD_WHY + 32];
-        snprintf(first, sizeof first, "line %llu: %s", (unsigned long long)t->bad_lines[0], t->why);
+        snprintf(first, sizeof first, "%s %llu: %s", s->array ? "record" : "line", (unsigned long long)t->bad_lines[0],
+                 t->why);
         cJSON_AddStringToObject(j, "first_bad", first);
     }
     cJSON_AddNumberToObject(j, "ranks", world);
@@ -628,14 +707,15 @@ static void combine(const stats *all, int world, stats *t) {
     }
 }
 
-static void report_bad(const char *file, const stats *t) {
+static void report_bad(const char *file, int array, const stats *t) {
     char lines[128] = "";
     size_t k = 0;
+    const char *unit = array ? "record" : "line";
     for (uint64_t i = 0; i < t->bad && i < TD_KEEP && k < sizeof lines; i++)
         k += (size_t)snprintf(lines + k, sizeof lines - k, "%s%llu", i ? ", " : "", (unsigned long long)t->bad_lines[i]);
-    fprintf(stderr, "tptt: data: skipped %llu bad record%s of %llu in %s (line%s %s%s): line %llu: %s\n",
-            (unsigned long long)t->bad, t->bad == 1 ? "" : "s", (unsigned long long)t->records, file,
-            t->bad == 1 ? "" : "s", lines, t->bad > TD_KEEP ? ", ..." : "", (unsigned long long)t->bad_lines[0],
+    fprintf(stderr, "tptt: data: skipped %llu bad record%s of %llu in %s (%s%s %s%s): %s %llu: %s\n",
+            (unsigned long long)t->bad, t->bad == 1 ? "" : "s", (unsigned long long)t->records, file, unit,
+            t->bad == 1 ? "" : "s", lines, t->bad > TD_KEEP ? ", ..." : "", unit, (unsigned long long)t->bad_lines[0],
             t->why);
 }
 
@@ -644,18 +724,25 @@ static void report_bad(const char *file, const stats *t) {
 static void build_part(const tp_textspec *sp, const tp_train_cfg *c, const tp_dist *d, const src *s, const char *part,
                        uint64_t *nls, stats *st) {
     tp_err err = {0};
-    builder B = {.sp = sp, .file = c->data.path, .abort_bad = !strcmp(c->data.bad_records, "abort"), .err = &err};
-    size_t a0 = (size_t)((unsigned __int128)s->n * (unsigned)d->rank / (unsigned)d->world);
-    size_t a1 = (size_t)((unsigned __int128)s->n * (unsigned)(d->rank + 1) / (unsigned)d->world);
-    size_t L = line_at(s, a0), Lnext = line_at(s, a1);
+    builder B = {.sp = sp, .file = c->data.path, .abort_bad = !strcmp(c->data.bad_records, "abort"), .err = &err,
+                 .array = s->array, .report = d->rank == 0, .t0 = now_s()};
+    B.t_last = B.t0;
+    /* a JSON array: elements [rN/W, (r+1)N/W); else the lines that start in
+     * bytes [rS/W, (r+1)S/W) */
+    uint64_t N = s->arr ? json_array_size(s->arr) : s->n;
+    size_t a0 = (size_t)((unsigned __int128)N * (unsigned)d->rank / (unsigned)d->world);
+    size_t a1 = (size_t)((unsigned __int128)N * (unsigned)(d->rank + 1) / (unsigned)d->world);
+    size_t L = s->arr ? a0 : line_at(s, a0), Lnext = s->arr ? a1 : line_at(s, a1);
+    B.slice_recs = s->arr ? a1 - a0 : 0;
+    B.slice_bytes = s->arr ? (size_t)((unsigned __int128)s->n * B.slice_recs / (N ? N : 1)) : Lnext - L;
     /* line numbers: each rank counts the newlines of its own lines, the
      * ranks before it give the offset */
-    uint64_t nl = count_newlines(s, L, Lnext), base = 0;
-    if (d->world > 1) tp_dist_allgather(&nl, sizeof nl, nls);
+    uint64_t nl = s->arr ? 0 : count_newlines(s, L, Lnext), base = 0;
+    if (d->world > 1 && !s->arr) tp_dist_allgather(&nl, sizeof nl, nls);
     for (int r = 0; r < d->rank; r++) base += nls[r];
     int rc = part ? tp_shard_writer_open(part, sp->format != TP_TEXT_TEXT, &B.w, &err)
                   : tp_fail(&err, TP_ENOMEM, "out of memory");
-    if (rc == TP_OK) rc = scan(&B, s, L, Lnext, base + 1);
+    if (rc == TP_OK) rc = s->arr ? scan_array(&B, s->arr, L, Lnext) : scan(&B, s, L, Lnext, base + 1);
     if (B.w) {
         if (rc == TP_OK) rc = tp_shard_writer_close(B.w, &err);
         else tp_shard_writer_abort(B.w);
@@ -722,7 +809,7 @@ static int finish(const tp_train_cfg *c, const tp_textspec *sp, const tp_dist *d
     free(js);
     free(side);
     if (rc != TP_OK) return rc;
-    if (t->bad) report_bad(c->data.path, t);
+    if (t->bad) report_bad(c->data.path, s->array, t);
     double secs = now_s() - t0;
     fprintf(stderr, "tptt: data: wrote %s: %llu document%s, %llu tokens from %llu record%s%s in %.1f s (%.0f tokens/s)\n",
             shard, (unsigned long long)t->docs, t->docs == 1 ? "" : "s", (unsigned long long)t->tokens,
@@ -737,7 +824,7 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
     if (!strcmp(dc->format, "tokens")) return (*out = tp_strdup(dc->path, err)) ? TP_OK : TP_ENOMEM;
     double t0 = now_s();
     tp_textspec sp;
-    src s = {NULL, 0};
+    src s = {NULL, 0, 0, NULL};
     const void *map = NULL;
     char *plan = NULL, *shard = NULL, *part = NULL, hex[24] = "", tag[160] = "", mode = 0;
     uint64_t docs = 0, toks = 0, *nls = NULL;
@@ -748,6 +835,7 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
     int rc = agree(d, tp_textspec_init(c, tok, &sp, err), err);
     if (rc == TP_OK) rc = agree(d, tp_map_readonly(dc->path, &map, &s.n, err), err);
     s.b = map;
+    s.array = rc == TP_OK && is_json_array(&sp, &s);
     if (rc == TP_OK) rc = agree(d, d->rank == 0 ? plan_build(c, &sp, &s, &plan, hex, &docs, &toks, err) : TP_OK, err);
     if (rc == TP_OK && d->world > 1) rc = agree(d, tp_dist_bcast_string(&plan, err), err);
     if (rc == TP_OK) {
@@ -766,9 +854,14 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
                     (unsigned long long)docs, (unsigned long long)toks, dc->path);
     } else if (rc == TP_OK) {
         if (d->rank == 0)
-            fprintf(stderr, "tptt: data: tokenizing %s (%.1f MB, format %s) on %d rank%s ...\n", dc->path,
-                    (double)s.n / 1e6, dc->format, d->world, d->world == 1 ? "" : "s");
+            fprintf(stderr, "tptt: data: tokenizing %s (%.1f MB%s, format %s) on %d rank%s ...\n", dc->path,
+                    (double)s.n / 1e6, s.array ? ", a JSON array" : "", dc->format, d->world, d->world == 1 ? "" : "s");
+        if (s.array) rc = agree(d, parse_array(dc->path, &s, err), err);
+    }
+    if (rc == TP_OK && mode == 'B') {
         build_part(&sp, c, d, &s, part, nls, &mine);
+        json_decref(s.arr);
+        s.arr = NULL;
         if (d->world > 1) tp_dist_allgather(&mine, sizeof mine, all);
         else all[0] = mine;
         combine(all, d->world, &t);
@@ -781,6 +874,7 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
         if (rc != TP_OK) unlink(part);
         else rc = agree(d, d->rank == 0 ? finish(c, &sp, d, &s, shard, tag, hex, &t, t0, err) : TP_OK, err);
     }
+    json_decref(s.arr);
     tp_unmap(map, s.n);
     free(plan);
     free(part);

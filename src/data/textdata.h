@@ -6,10 +6,11 @@
  * data.cache_dir and reuses that shard while the source bytes, the tokenizer
  * and every option that changes tokens stay the same (they make up the
  * cache key). Every rank tokenizes the records that start in its byte slice
- * of the source; rank 0 merges the parts in rank order, so the shard is the
- * same for any number of ranks. Records that cannot be used (invalid JSON or
- * UTF-8, a missing field, a wrong type) are skipped and counted, or end the
- * build (data.bad_records: abort). */
+ * of the source (of a JSON array source: its slice of the elements); rank 0
+ * merges the parts in rank order, so the shard is the same for any number of
+ * ranks. Records that cannot be used (invalid JSON or UTF-8, a missing
+ * field, a wrong type) are skipped and counted, or end the build
+ * (data.bad_records: abort). */
 #ifndef TPTT_DATA_TEXTDATA_H
 #define TPTT_DATA_TEXTDATA_H
 
@@ -60,7 +61,8 @@ void tp_textdoc_free(tp_textdoc *d);
 
 enum { TP_REC_OK = 0, TP_REC_EMPTY = 1, TP_REC_BAD = 2 };
 /* Build the document of one record: a JSONL line (without its newline) or,
- * for .txt sources, the text of one line/paragraph/file. Returns TP_REC_OK,
+ * for .txt sources, the text of one line/paragraph/file. EOS is appended
+ * unless the document already ends with the EOS token. Returns TP_REC_OK,
  * TP_REC_EMPTY (no text: skipped without complaint), TP_REC_BAD (why says
  * what is wrong, e.g. "missing field 'output'"), or a negative TP_E* code
  * (allocation failure; err filled). doc is cleared first. */

@@ -1213,9 +1213,12 @@ char *tp_train_cfg_resume_json(const tp_train_cfg *c) {
               cJSON_AddStringToObject(ch, "system", dc->chat_system) &&
               cJSON_AddStringToObject(ch, "user", dc->chat_user);
     }
-    ok &= ok && cJSON_AddStringToObject(data, "format", f) && cJSON_AddStringToObject(data, "long_docs", dc->long_docs) &&
-          cJSON_AddStringToObject(data, "packing", dc->packing) && cJSON_AddStringToObject(data, "path", dc->path) &&
-          add_int(data, "seq_len", (long long)dc->seq_len);
+    ok &= ok && cJSON_AddStringToObject(data, "format", f) && cJSON_AddStringToObject(data, "long_docs", dc->long_docs);
+    /* packing only when not the default, so checkpoints from before the key
+     * existed (always "pack") keep resuming */
+    if (ok && strcmp(dc->packing, "pack"))
+        ok &= cJSON_AddStringToObject(data, "packing", dc->packing) != NULL;
+    ok &= ok && cJSON_AddStringToObject(data, "path", dc->path) && add_int(data, "seq_len", (long long)dc->seq_len);
     if (ok && text)
         ok &= cJSON_AddStringToObject(data, "text_field", dc->text_field) != NULL;
     if (ok && (text || alpaca || chat))
