@@ -3,6 +3,8 @@
 #ifndef TPTT_CLI_CLI_H
 #define TPTT_CLI_CLI_H
 
+#include <stdio.h>
+
 int tp_cmd_init_model(int argc, char **argv);
 int tp_cmd_inspect(int argc, char **argv);
 int tp_cmd_dump(int argc, char **argv);
@@ -11,6 +13,20 @@ int tp_cmd_tokenize(int argc, char **argv);
 int tp_cmd_prepare_data(int argc, char **argv);
 int tp_cmd_train(int argc, char **argv);
 int tp_cmd_plot(int argc, char **argv);
+
+/* Arguments of the config-driven commands (train, prepare-data):
+ * "CONFIG.yaml [--set key=value]... [--resume R]" (--resume only when
+ * a->resume is non-NULL on entry; it holds the default). */
+#define TP_CLI_MAX_SETS 256
+typedef struct tp_cli_config_args {
+    const char *config;
+    const char *sets[TP_CLI_MAX_SETS];
+    int nsets;
+    const char *resume;
+} tp_cli_config_args;
+/* Returns -1 to go on, else the exit code: 0 after --help (usage printed to
+ * stdout), 2 on a usage error (message or usage on stderr). */
+int tp_cli_parse_config_args(int argc, char **argv, const char *cmd, void (*usage)(FILE *), tp_cli_config_args *a);
 
 /* Print "tptt: <msg>" to stderr and return 1. */
 int tp_cli_error(const char *msg);

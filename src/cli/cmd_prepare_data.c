@@ -23,36 +23,16 @@ static void usage(FILE *fp) {
 }
 
 int tp_cmd_prepare_data(int argc, char **argv) {
-    const char *config = NULL;
-    const char *sets[256];
-    int nsets = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        } else if ((!strcmp(argv[i], "--set") && i + 1 < argc) || !strncmp(argv[i], "--set=", 6)) {
-            if (nsets == 256) { fprintf(stderr, "tptt: prepare-data: too many --set options\n"); return 2; }
-            sets[nsets++] = argv[i][5] == '=' ? argv[i] + 6 : argv[++i];
-        } else if (argv[i][0] == '-') {
-            fprintf(stderr, "tptt: prepare-data: unknown or incomplete option '%s' (see --help)\n", argv[i]);
-            return 2;
-        } else if (!config) {
-            config = argv[i];
-        } else {
-            fprintf(stderr, "tptt: prepare-data: more than one config file given ('%s', '%s')\n", config, argv[i]);
-            return 2;
-        }
-    }
-    if (!config) {
-        usage(stderr);
-        return 2;
-    }
+    static tp_cli_config_args a; /* large: keep it off the stack */
+    memset(&a, 0, sizeof a);
+    int code = tp_cli_parse_config_args(argc, argv, "prepare-data", usage, &a);
+    if (code >= 0) return code;
     tp_dist d;
     tp_err err = {0};
     if (tp_dist_init(&argc, &argv, &d, &err)) return tp_cli_error(err.msg);
     static tp_train_cfg cfg; /* large: keep it off the stack */
-    int rc = tp_train_cfg_load(config, &cfg, &err);
-    for (int i = 0; rc == TP_OK && i < nsets; i++) rc = tp_train_cfg_set(&cfg, sets[i], &err);
+    int rc = tp_train_cfg_load(a.config, &cfg, &err);
+    for (int i = 0; rc == TP_OK && i < a.nsets; i++) rc = tp_train_cfg_set(&cfg, a.sets[i], &err);
     if (rc == TP_OK) rc = tp_train_cfg_check_data(&cfg, &err);
     if (rc != TP_OK) {
         if (d.rank == 0) fprintf(stderr, "tptt: %s\n", err.msg);

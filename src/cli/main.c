@@ -44,6 +44,47 @@ int tp_cli_int(const char *s, long long lo, long long hi, long long *out) {
     return 0;
 }
 
+int tp_cli_parse_config_args(int argc, char **argv, const char *cmd, void (*usage)(FILE *), tp_cli_config_args *a) {
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i], *val = NULL;
+        if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        int is_set = !strcmp(arg, "--set") || !strncmp(arg, "--set=", 6);
+        int is_resume = a->resume && (!strcmp(arg, "--resume") || !strncmp(arg, "--resume=", 9));
+        if (is_set || is_resume) {
+            const char *eq = strchr(arg, '=');
+            val = eq ? eq + 1 : i + 1 < argc ? argv[++i] : NULL;
+        }
+        if ((is_set || is_resume) && !val) {
+            fprintf(stderr, "tptt: %s: %s needs a value (see --help)\n", cmd, arg);
+            return 2;
+        } else if (is_set) {
+            if (a->nsets == TP_CLI_MAX_SETS) {
+                fprintf(stderr, "tptt: %s: too many --set options\n", cmd);
+                return 2;
+            }
+            a->sets[a->nsets++] = val;
+        } else if (is_resume) {
+            a->resume = val;
+        } else if (arg[0] == '-') {
+            fprintf(stderr, "tptt: %s: unknown or incomplete option '%s' (see --help)\n", cmd, arg);
+            return 2;
+        } else if (!a->config) {
+            a->config = arg;
+        } else {
+            fprintf(stderr, "tptt: %s: more than one config file given ('%s', '%s')\n", cmd, a->config, arg);
+            return 2;
+        }
+    }
+    if (!a->config) {
+        usage(stderr);
+        return 2;
+    }
+    return -1;
+}
+
 int main(int argc, char **argv) {
     tp_maybe_reexec_for_blas(argc, argv);
     if (argc < 2) {
