@@ -269,12 +269,16 @@ static void regex_free(regex *r) {
     if (r->code) pcre2_code_free(r->code);
 }
 
-/* Next match in s[0..n) at or after *pos: its range, or 0 when none. Empty
- * matches are skipped (they never delimit anything). */
+/* Next match in s[0..n) at or after *pos: 1 and its range, 0 when none, -1
+ * when PCRE2 gives up (a resource limit) - never silently "no match", which
+ * would change the tokens. Empty matches are skipped (they delimit nothing). */
 static int regex_next(regex *r, const char *s, size_t n, size_t *pos, size_t *ms, size_t *me) {
     while (*pos <= n) {
         int rc = pcre2_match(r->code, (PCRE2_SPTR)s, n, *pos, PCRE2_NO_UTF_CHECK, r->md, NULL);
-        if (rc < 0) return 0;
+        if (rc < 0 && rc != PCRE2_ERROR_NOMATCH) /* e.g. the JIT stack: the interpreter uses the heap */
+            rc = pcre2_match(r->code, (PCRE2_SPTR)s, n, *pos, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, r->md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) return 0;
+        if (rc < 0) return -1;
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(r->md);
         if (ov[1] > ov[0]) {
             *ms = ov[0], *me = ov[1];
@@ -966,11 +970,15 @@ static int normalize(tp_tokenizer *t, const char *s, size_t n, tp_err *err) {
         } else if (st->kind == N_REPLACE) {
             size_t pos = 0, run = 0, ms, me;
             if (st->re.code) {
-                while (regex_next(&st->re, cur->buf, cur->len, &pos, &ms, &me)) {
+                int m;
+                while ((m = regex_next(&st->re, cur->buf, cur->len, &pos, &ms, &me)) > 0) {
                     tp_strbuf_putn(tmp, cur->buf + run, ms - run);
                     tp_strbuf_putn(tmp, st->b, st->nb);
                     run = me;
                 }
+                if (m < 0)
+                    return tp_fail(err, TP_EINVAL, "normalizer Replace: the regex hit a PCRE2 limit on %zu bytes of text",
+                                   cur->len);
             } else {
                 for (const char *p; (p = cur->len - run >= st->na ? memmem(cur->buf + run, cur->len - run, st->a, st->na) : NULL);) {
                     tp_strbuf_putn(tmp, cur->buf + run, (size_t)(p - (cur->buf + run)));
@@ -1008,8 +1016,8 @@ static int split_step(tp_tokenizer *t, regex *re, int behavior, size_t *np) {
     for (size_t p = 0; p < *np; p += 2) {
         size_t off = t->pieces[p], len = t->pieces[p + 1], pos = 0, ms, me, run = 0;
         size_t pend_s = 0, pend_e = 0; /* Contiguous: the current run of matches */
-        int pend = 0;
-        while (regex_next(re, s + off, len, &pos, &ms, &me)) {
+        int pend = 0, m;
+        while ((m = regex_next(re, s + off, len, &pos, &ms, &me)) > 0) {
             int fail = 0;
             switch (behavior) {
             case B_ISOLATED:
@@ -1041,6 +1049,7 @@ static int split_step(tp_tokenizer *t, regex *re, int behavior, size_t *np) {
             }
             if (fail) return -1;
         }
+        if (m < 0) return -2;
         if (pend && push_piece(&t->pieces2, &t->pieces2_cap, &n2, off + pend_s, pend_e - pend_s)) return -1;
         if (push_piece(&t->pieces2, &t->pieces2_cap, &n2, off + run, len - run)) return -1;
     }
@@ -1120,6 +1129,8 @@ static int encode_normalized(tp_tokenizer *t, size_t off, size_t len, int first_
                 np = n2;
             }
         }
+        if (fail == -2)
+            return tp_fail(err, TP_EINVAL, "pre-tokenizer %d: the regex hit a PCRE2 limit on a piece of text", i);
         if (fail) return tp_fail(err, TP_ENOMEM, "out of memory");
     }
     for (size_t p = 0; p < np; p += 2) {
