@@ -24,15 +24,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "py"
 import safetensors_np as stnp  # noqa: E402
 import testkit  # noqa: E402
 import train_util as tu  # noqa: E402
-from test_prepare_data import PROMPT, PROMPT_NI, TOK_ENV, alpaca_oracle  # noqa: E402
+from test_prepare_data import ALPACA, MISTRAL, PROMPT, PROMPT_NI, QWEN, TOK_ENV, TPTT, alpaca_oracle  # noqa: E402
 
 kit = testkit.Checker("test_data_train")
 check, eq = kit.check, kit.eq
-TPTT = os.environ.get("TPTT", "tptt")
-SRC = os.environ.get("TPTT_SOURCE_DIR", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ALPACA = os.path.join(SRC, "tests", "fixtures", "data", "alpaca.jsonl")
-MISTRAL = os.path.join(SRC, "tests", "fixtures", "tokenizers", "mistral")
-QWEN = os.path.join(SRC, "tests", "fixtures", "tokenizers", "qwen3")
 LIZA = ["--set", "liza.enabled=true", "--set", "liza.preset=gated_delta_rule", "--set", "liza.chunk_size=8",
         "--set", "compute.matmul=f32"]
 

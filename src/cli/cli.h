@@ -5,6 +5,8 @@
 
 #include <stdio.h>
 
+#include "train/config.h"
+
 int tp_cmd_init_model(int argc, char **argv);
 int tp_cmd_inspect(int argc, char **argv);
 int tp_cmd_dump(int argc, char **argv);
@@ -27,6 +29,8 @@ typedef struct tp_cli_config_args {
 /* Returns -1 to go on, else the exit code: 0 after --help (usage printed to
  * stdout), 2 on a usage error (message or usage on stderr). */
 int tp_cli_parse_config_args(int argc, char **argv, const char *cmd, void (*usage)(FILE *), tp_cli_config_args *a);
+/* Load a->config into cfg and apply the --set overrides in order. */
+int tp_cli_load_config(const tp_cli_config_args *a, tp_train_cfg *cfg, tp_err *err);
 
 /* Print "tptt: <msg>" to stderr and return 1. */
 int tp_cli_error(const char *msg);

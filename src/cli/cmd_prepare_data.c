@@ -31,8 +31,7 @@ int tp_cmd_prepare_data(int argc, char **argv) {
     tp_err err = {0};
     if (tp_dist_init(&argc, &argv, &d, &err)) return tp_cli_error(err.msg);
     static tp_train_cfg cfg; /* large: keep it off the stack */
-    int rc = tp_train_cfg_load(a.config, &cfg, &err);
-    for (int i = 0; rc == TP_OK && i < a.nsets; i++) rc = tp_train_cfg_set(&cfg, a.sets[i], &err);
+    int rc = tp_cli_load_config(&a, &cfg, &err);
     if (rc == TP_OK) rc = tp_train_cfg_check_data(&cfg, &err);
     if (rc != TP_OK) {
         if (d.rank == 0) fprintf(stderr, "tptt: %s\n", err.msg);
@@ -42,15 +41,8 @@ int tp_cmd_prepare_data(int argc, char **argv) {
     tp_tokenizer *tok = NULL;
     char *shard = NULL;
     if (strcmp(cfg.data.format, "tokens")) rc = tp_textdata_tokenizer(&cfg, &tok, &err);
-    if (tp_dist_max_int(rc != TP_OK) == 0) rc = tp_textdata_prepare(&cfg, tok, &d, &shard, &err);
-    else if (rc == TP_OK) {
-        rc = TP_EINVAL;
-        err.msg[0] = 0; /* another rank failed and says why */
-    }
-    /* the lowest rank with a message prints it */
-    int has_msg = rc != TP_OK && err.msg[0];
-    int first = d.world - tp_dist_max_int(has_msg ? d.world - d.rank : 0);
-    if (has_msg && d.rank == first) fprintf(stderr, "tptt: %s\n", err.msg);
+    if ((rc = tp_dist_agree(&d, rc, &err)) == TP_OK) rc = tp_textdata_prepare(&cfg, tok, &d, &shard, &err);
+    tp_dist_report_failure(&d, rc, &err);
     if (rc == TP_OK && d.rank == 0) printf("%s\n", shard);
     if (tok) tp_tokenizer_free(tok);
     free(shard);

@@ -29,8 +29,7 @@ int tp_cmd_train(int argc, char **argv) {
     tp_err err = {0};
     if (tp_dist_init(&argc, &argv, &d, &err)) return tp_cli_error(err.msg);
     static tp_train_cfg cfg; /* large: keep it off the stack */
-    int rc = tp_train_cfg_load(a.config, &cfg, &err);
-    for (int i = 0; rc == TP_OK && i < a.nsets; i++) rc = tp_train_cfg_set(&cfg, a.sets[i], &err);
+    int rc = tp_cli_load_config(&a, &cfg, &err);
     if (rc) {
         if (d.rank == 0) fprintf(stderr, "tptt: %s\n", err.msg);
         code = 2;

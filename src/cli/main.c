@@ -85,6 +85,12 @@ int tp_cli_parse_config_args(int argc, char **argv, const char *cmd, void (*usag
     return -1;
 }
 
+int tp_cli_load_config(const tp_cli_config_args *a, tp_train_cfg *cfg, tp_err *err) {
+    int rc = tp_train_cfg_load(a->config, cfg, err);
+    for (int i = 0; rc == TP_OK && i < a->nsets; i++) rc = tp_train_cfg_set(cfg, a->sets[i], err);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     tp_maybe_reexec_for_blas(argc, argv);
     if (argc < 2) {

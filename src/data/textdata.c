@@ -606,19 +606,6 @@ static int write_unique(const char *path, const char *tag, const char *text, tp_
     return rc;
 }
 
-/* ---- collectives (none with one rank) ----------------------------------------- */
-
-static int any_failed(const tp_dist *d, int rc) { return d->world > 1 ? tp_dist_max_int(rc != TP_OK) : rc != TP_OK; }
-
-/* rc if this rank failed; else, when another did, an error with an empty
- * message (that rank's message is the one to print). */
-static int agree(const tp_dist *d, int rc, tp_err *err) {
-    if (!any_failed(d, rc) || rc != TP_OK) return rc;
-    err->code = TP_EIO;
-    err->msg[0] = 0;
-    return TP_EIO;
-}
-
 /* ---- prepare ------------------------------------------------------------------- */
 
 static char *part_name(const char *shard, const char *tag, int rank, tp_err *err) {
@@ -832,12 +819,13 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
     memset(&mine, 0, sizeof mine);
     /* every step that can fail on one rank is agreed on before the next
      * collective, so no rank is left waiting */
-    int rc = agree(d, tp_textspec_init(c, tok, &sp, err), err);
-    if (rc == TP_OK) rc = agree(d, tp_map_readonly(dc->path, &map, &s.n, err), err);
+    int rc = tp_dist_agree(d, tp_textspec_init(c, tok, &sp, err), err);
+    if (rc == TP_OK) rc = tp_dist_agree(d, tp_map_readonly(dc->path, &map, &s.n, err), err);
     s.b = map;
     s.array = rc == TP_OK && is_json_array(&sp, &s);
-    if (rc == TP_OK) rc = agree(d, d->rank == 0 ? plan_build(c, &sp, &s, &plan, hex, &docs, &toks, err) : TP_OK, err);
-    if (rc == TP_OK && d->world > 1) rc = agree(d, tp_dist_bcast_string(&plan, err), err);
+    if (rc == TP_OK)
+        rc = tp_dist_agree(d, d->rank == 0 ? plan_build(c, &sp, &s, &plan, hex, &docs, &toks, err) : TP_OK, err);
+    if (rc == TP_OK && d->world > 1) rc = tp_dist_agree(d, tp_dist_bcast_string(&plan, err), err);
     if (rc == TP_OK) {
         const char *sp2 = strchr(plan + 2, ' ');
         mode = plan[0];
@@ -846,7 +834,7 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
         part = shard ? part_name(shard, tag, d->rank, err) : NULL;
         nls = tp_calloc((size_t)d->world, sizeof *nls, err);
         all = tp_calloc((size_t)d->world, sizeof *all, err);
-        rc = agree(d, shard && part && nls && all ? TP_OK : TP_ENOMEM, err);
+        rc = tp_dist_agree(d, shard && part && nls && all ? TP_OK : TP_ENOMEM, err);
     }
     if (rc == TP_OK && mode == 'R') {
         if (d->rank == 0)
@@ -856,7 +844,7 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
         if (d->rank == 0)
             fprintf(stderr, "tptt: data: tokenizing %s (%.1f MB%s, format %s) on %d rank%s ...\n", dc->path,
                     (double)s.n / 1e6, s.array ? ", a JSON array" : "", dc->format, d->world, d->world == 1 ? "" : "s");
-        if (s.array) rc = agree(d, parse_array(dc->path, &s, err), err);
+        if (s.array) rc = tp_dist_agree(d, parse_array(dc->path, &s, err), err);
     }
     if (rc == TP_OK && mode == 'B') {
         build_part(&sp, c, d, &s, part, nls, &mine);
@@ -872,7 +860,7 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
                          (unsigned long long)t.empty,
                          t.bad ? "; the first bad one: " : "", t.bad ? t.why : "");
         if (rc != TP_OK) unlink(part);
-        else rc = agree(d, d->rank == 0 ? finish(c, &sp, d, &s, shard, tag, hex, &t, t0, err) : TP_OK, err);
+        else rc = tp_dist_agree(d, d->rank == 0 ? finish(c, &sp, d, &s, shard, tag, hex, &t, t0, err) : TP_OK, err);
     }
     json_decref(s.arr);
     tp_unmap(map, s.n);

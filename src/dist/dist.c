@@ -51,6 +51,26 @@ int tp_dist_max_int(int x) {
 
 void tp_dist_barrier(void) { MPI_Barrier(MPI_COMM_WORLD); }
 
+int tp_dist_agree(const tp_dist *d, int rc, tp_err *err) {
+    int any = d->world > 1 ? tp_dist_max_int(rc != TP_OK) : rc != TP_OK;
+    if (!any || rc != TP_OK) return rc;
+    err->code = TP_EIO;
+    err->msg[0] = 0;
+    return TP_EIO;
+}
+
+int tp_dist_report_failure(const tp_dist *d, int rc, const tp_err *err) {
+    int has_msg = rc != TP_OK && err->msg[0];
+    if (d->world == 1) {
+        if (has_msg) fprintf(stderr, "tptt: %s\n", err->msg);
+        return rc != TP_OK;
+    }
+    int first = d->world - tp_dist_max_int(has_msg ? d->world - d->rank : 0);
+    if (!tp_dist_max_int(rc != TP_OK)) return 0;
+    if (has_msg && d->rank == first) fprintf(stderr, "tptt: %s\n", err->msg);
+    return 1;
+}
+
 void tp_dist_allgather(const void *send, size_t bytes, void *recv) {
     MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, MPI_COMM_WORLD);
 }

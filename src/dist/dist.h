@@ -34,6 +34,14 @@ int tp_dist_max_int(int x);
 void tp_dist_barrier(void);
 /* Every rank's `bytes` bytes of send, in rank order, into recv (world x bytes). */
 void tp_dist_allgather(const void *send, size_t bytes, void *recv);
+/* Collective agreement on a step every rank ran (no MPI call with one
+ * rank): returns rc on a rank that failed; on a rank that succeeded while
+ * another failed, TP_EIO with an empty message (the failing rank's message
+ * is the one to print); TP_OK when all succeeded. */
+int tp_dist_agree(const tp_dist *d, int rc, tp_err *err);
+/* Collective: 1 if rc failed on any rank, and then the lowest rank whose err
+ * has a message prints "tptt: <msg>" on stderr (one line, not one per rank). */
+int tp_dist_report_failure(const tp_dist *d, int rc, const tp_err *err);
 /* Broadcast a NUL-terminated string from rank 0 (caller frees *s on every rank). */
 int tp_dist_bcast_string(char **s, tp_err *err);
 

@@ -435,22 +435,31 @@ static int replacement_of(loader *L, const cJSON *o, const char *where, char rep
     return TP_OK;
 }
 
+/* A "Sequence" component: load every element of its array `key` with fn,
+ * naming each by its JSON path. */
+static int load_sequence(loader *L, const cJSON *o, const char *where, const char *key,
+                         int (*fn)(loader *, const cJSON *, const char *)) {
+    const cJSON *seq = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!cJSON_IsArray(seq)) {
+        char what[64];
+        snprintf(what, sizeof what, "Sequence without \"%s\" array", key);
+        return bad(L, where, what);
+    }
+    int i = 0;
+    for (const cJSON *e = seq->child; e; e = e->next, i++) {
+        char w[256];
+        snprintf(w, sizeof w, "%s.%s[%d]", where, key, i);
+        int rc = fn(L, e, w);
+        if (rc) return rc;
+    }
+    return TP_OK;
+}
+
 static int load_normalizer(loader *L, const cJSON *o, const char *where) {
     tp_tokenizer *t = L->t;
     if (!o || cJSON_IsNull(o)) return TP_OK;
     const char *ty = jtype(o);
-    char w[256];
-    if (ty && !strcmp(ty, "Sequence")) {
-        const cJSON *seq = cJSON_GetObjectItemCaseSensitive(o, "normalizers");
-        if (!cJSON_IsArray(seq)) return bad(L, where, "Sequence without \"normalizers\" array");
-        int i = 0;
-        for (const cJSON *e = seq->child; e; e = e->next, i++) {
-            snprintf(w, sizeof w, "%s.normalizers[%d]", where, i);
-            int rc = load_normalizer(L, e, w);
-            if (rc) return rc;
-        }
-        return TP_OK;
-    }
+    if (ty && !strcmp(ty, "Sequence")) return load_sequence(L, o, where, "normalizers", load_normalizer);
     if (t->nnorm == MAX_STEPS) return bad(L, where, "too many normalizers");
     norm_step *s = &t->norm[t->nnorm];
     memset(s, 0, sizeof *s);
@@ -487,18 +496,7 @@ static int load_pre(loader *L, const cJSON *o, const char *where) {
     tp_tokenizer *t = L->t;
     if (!o || cJSON_IsNull(o)) return TP_OK;
     const char *ty = jtype(o);
-    char w[256];
-    if (ty && !strcmp(ty, "Sequence")) {
-        const cJSON *seq = cJSON_GetObjectItemCaseSensitive(o, "pretokenizers");
-        if (!cJSON_IsArray(seq)) return bad(L, where, "Sequence without \"pretokenizers\" array");
-        int i = 0;
-        for (const cJSON *e = seq->child; e; e = e->next, i++) {
-            snprintf(w, sizeof w, "%s.pretokenizers[%d]", where, i);
-            int rc = load_pre(L, e, w);
-            if (rc) return rc;
-        }
-        return TP_OK;
-    }
+    if (ty && !strcmp(ty, "Sequence")) return load_sequence(L, o, where, "pretokenizers", load_pre);
     if (t->npre == MAX_STEPS) return bad(L, where, "too many pre-tokenizers");
     if (t->npre && t->pre[t->npre - 1].kind == P_BYTELEVEL)
         return bad(L, where, "a pre-tokenizer after ByteLevel is not supported");
@@ -545,18 +543,8 @@ static int load_decoder(loader *L, const cJSON *o, const char *where) {
     if (!o || cJSON_IsNull(o)) return TP_OK;
     t->has_decoder = 1;
     const char *ty = jtype(o);
-    char w[256];
     int rc;
-    if (ty && !strcmp(ty, "Sequence")) {
-        const cJSON *seq = cJSON_GetObjectItemCaseSensitive(o, "decoders");
-        if (!cJSON_IsArray(seq)) return bad(L, where, "Sequence without \"decoders\" array");
-        int i = 0;
-        for (const cJSON *e = seq->child; e; e = e->next, i++) {
-            snprintf(w, sizeof w, "%s.decoders[%d]", where, i);
-            if ((rc = load_decoder(L, e, w))) return rc;
-        }
-        return TP_OK;
-    }
+    if (ty && !strcmp(ty, "Sequence")) return load_sequence(L, o, where, "decoders", load_decoder);
     if (t->ndec == MAX_STEPS) return bad(L, where, "too many decoders");
     dec_step *s = &t->dec[t->ndec];
     memset(s, 0, sizeof *s);

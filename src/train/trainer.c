@@ -413,21 +413,15 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
     char *shard = NULL;
     rc = setup(&R, &err);
     if (rc == TP_OK) rc = setup_tokenizer(&R, &tok, &err);
-    if (tp_dist_max_int(rc != TP_OK) == 0) {
+    if ((rc = tp_dist_agree(d, rc, &err)) == TP_OK) {
         rc = tp_textdata_prepare(cfg, tok, d, &shard, &err);
         if (rc == TP_OK) rc = setup_data(&R, shard, &err);
-    } else if (rc == TP_OK) {
-        rc = TP_EINVAL;
-        err.msg[0] = 0; /* another rank failed and says why */
     }
     if (tok) tp_tokenizer_free(tok);
     free(shard);
     if (rc == TP_OK) rc = resume(&R, resume_mode, &err);
-    /* a failure on any rank stops every rank; the lowest rank with a message prints it */
-    int has_msg = rc != TP_OK && err.msg[0];
-    int first = d->world - tp_dist_max_int(has_msg ? d->world - d->rank : 0);
-    if (tp_dist_max_int(rc != TP_OK)) {
-        if (has_msg && d->rank == first) fprintf(stderr, "tptt: %s\n", err.msg);
+    /* a failure on any rank stops every rank */
+    if (tp_dist_report_failure(d, rc, &err)) {
         teardown(&R);
         return TP_EXIT_ERROR;
     }
