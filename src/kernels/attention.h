@@ -32,4 +32,22 @@ int tp_attn_fwd(const tp_attn_dims *s, const float *q, const float *k, const flo
 int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
                 const float *o, const float *lse, const float *dout, float *dq, float *dk, float *dv, tp_err *err);
 
+/* Inference: n new queries at consecutive positions qpos0 .. qpos0+n-1 of
+ * one document attend over cached keys and over this block's own keys
+ * (causally). Cached keys need not be in order (a sliding-window ring):
+ *   q  [n, H*d] (after RoPE)          kn, vn [n, Hkv*d]  this block's keys/values
+ *   kc, vc [mc, Hkv*d] cached keys/values, kpos [mc] their positions (< qpos0)
+ *   o  [n, H*d]
+ * Key at position p is visible to a query at position i iff p <= i and
+ * (window == 0 or i - window < p); stale ring entries are simply masked.
+ * Work is split over (kv head, query block); each output is written by one
+ * thread in a fixed order. */
+typedef struct tp_attn_kv {
+    const float *kc, *vc;
+    const int32_t *kpos;
+    int64_t mc;
+} tp_attn_kv;
+int tp_attn_fwd_cached(int64_t H, int64_t Hkv, int64_t d, int64_t window, const float *q, int64_t n, int64_t qpos0,
+                       const tp_attn_kv *cache, const float *kn, const float *vn, float *o, tp_err *err);
+
 #endif

@@ -64,6 +64,23 @@ int tp_liza_bwd_f64(const tp_liza_dims *s, const tp_liza_cfg *c, const double *q
                     const double *dy, double *dq, double *dk, double *dv, double *dbeta, double *dlog_alpha,
                     tp_err *err);
 
+/* Inference over one document (B = 1), continuing from carried states:
+ * rows [first, T) of q, k, v, beta, log_alpha (layouts as above) are new
+ * tokens, at document positions pos0 .. pos0 + T - first - 1; rows
+ * [0, first) are the document's preceding tokens (first <= pos0; the dt and
+ * rdt tricks read the last order-1 of them, so pass min(pos0, order-1) or
+ * more). S [Hkv, d, d] holds each kv head's state entering row `first` (zero
+ * at the document start) and receives the state after row T-1. y rows
+ * [first, T) are written. Chunk boundaries and φ (linear = 0) fall at the
+ * same document positions as in tp_liza_fwd, so a document fed in any
+ * split gives the same outputs (up to rounding). */
+int tp_liza_fwd_seg_f32(const tp_liza_dims *s, const tp_liza_cfg *c, const float *q, const float *k, const float *v,
+                        const float *beta, const float *log_alpha, int64_t first, int64_t pos0, float *S, float *y,
+                        tp_err *err);
+int tp_liza_fwd_seg_f64(const tp_liza_dims *s, const tp_liza_cfg *c, const double *q, const double *k,
+                        const double *v, const double *beta, const double *log_alpha, int64_t first, int64_t pos0,
+                        double *S, double *y, tp_err *err);
+
 /* The expansion coefficient of x_{t-i} in virtual slot m for trick dt:
  * 2^-m (-1)^i C(m, i). */
 double tp_liza_dt_coef(int m, int i);

@@ -240,6 +240,50 @@ int SFX(tp_liza_fwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q
     return TP_OK;
 }
 
+/* Inference: rows [first, T) of one document (B = 1) from the carried
+ * states S [Hkv, d, d] (updated in place); rows [0, first) are the
+ * document's preceding tokens, read only by the dt expansion. pos0 is the
+ * document position of row `first`: chunks stay aligned to multiples of C
+ * from the document start, and φ (linear = 0) is applied before a token at a
+ * positive multiple of C, exactly where the full-sequence forward applies it. */
+int SFX(tp_liza_fwd_seg)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q, const REAL *k,
+                         const REAL *v, const REAL *beta, const REAL *log_alpha, int64_t first, int64_t pos0,
+                         REAL *S, REAL *y, tp_err *err) {
+    int64_t T = sd->T, Hkv = sd->Hkv, d = sd->d, C = c->chunk, n = c->order;
+    if (d > 512) return tp_fail(err, TP_EUNSUP, "liza: head_dim %lld is larger than 512", (long long)d);
+    if (sd->B != 1 || first < 0 || first >= T || first > pos0)
+        return tp_fail(err, TP_EINVAL, "internal: liza segment: bad rows (first %lld of %lld, position %lld)",
+                       (long long)first, (long long)T, (long long)pos0);
+    int64_t cr = T - first < C ? T - first : C;
+    int fail = 0;
+#pragma omp parallel reduction(| : fail)
+    {
+        SFX(ws) w;
+        if (SFX(ws_alloc)(&w, cr, cr * n, d)) fail = 1;
+#pragma omp for schedule(static)
+        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+            if (fail) continue;
+            REAL *st = S + kvh * d * d;
+            memcpy(w.S, st, (size_t)(d * d) * sizeof(REAL));
+            int64_t p = pos0;
+            if (!c->linear && p > 0 && p % C == 0) SFX(phi)(w.S, d);
+            for (int64_t t0 = first; t0 < T;) {
+                int64_t len = C - p % C, t1 = t0 + len < T ? t0 + len : T;
+                SFX(build)(&w, sd, c, k, v, beta, log_alpha, 0, kvh, 0, t0, t1);
+                SFX(chunk_fwd)(&w, sd, c, q, y, 0, kvh, t0);
+                memcpy(w.S, w.Sn, (size_t)(d * d) * sizeof(REAL));
+                p += t1 - t0;
+                if (!c->linear && p % C == 0 && t1 < T) SFX(phi)(w.S, d);
+                t0 = t1;
+            }
+            memcpy(st, w.S, (size_t)(d * d) * sizeof(REAL));
+        }
+        SFX(ws_free)(&w);
+    }
+    if (fail) return tp_fail(err, TP_ENOMEM, "liza: out of memory for chunk scratch");
+    return TP_OK;
+}
+
 /* Backward of one chunk (w holds the recomputed forward, w->dSp the
  * gradient of its exit state); fills w->dSin and accumulates the real-token
  * gradients. */

@@ -59,11 +59,15 @@ void tp_rope_inv_freq(double *inv, int64_t d, double theta, double factor, doubl
 }
 
 void tp_rope_tables(float *cos_t, float *sin_t, const double *inv, int64_t d, int64_t P) {
+    tp_rope_tables_from(cos_t, sin_t, inv, d, 0, P);
+}
+
+void tp_rope_tables_from(float *cos_t, float *sin_t, const double *inv, int64_t d, int64_t p0, int64_t P) {
     int64_t h = d / 2;
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < P; p++)
         for (int64_t i = 0; i < h; i++) {
-            double a = (double)p * inv[i];
+            double a = (double)(p0 + p) * inv[i];
             cos_t[p * h + i] = (float)cos(a);
             sin_t[p * h + i] = (float)sin(a);
         }

@@ -19,6 +19,8 @@ void tp_rope_inv_freq(double *inv_freq, int64_t d, double theta, double factor, 
                       double high_freq_factor, double original_max_pos);
 /* cos/sin tables [P, d/2] for positions 0..P-1 (angles computed in double). */
 void tp_rope_tables(float *cos_t, float *sin_t, const double *inv_freq, int64_t d, int64_t P);
+/* The same for positions p0 .. p0+P-1 (row i holds position p0 + i). */
+void tp_rope_tables_from(float *cos_t, float *sin_t, const double *inv_freq, int64_t d, int64_t p0, int64_t P);
 /* Rotate x[n, nh*d] in place by the angle of pos[n] (rotate_half pairing:
  * feature i with i + d/2). inverse = 1 rotates back (the backward pass). */
 void tp_rope_apply(float *x, int64_t n, int64_t nh, int64_t d, const int32_t *pos, const float *cos_t,

@@ -81,6 +81,8 @@ typedef struct tp_decoder_opts {
     tp_mag_opts mag;
     tp_mm_backend matmul;
     int recompute;
+    int inference;    /* forward only (tp_decoder_forward_cached): no gradient or activation
+                         buffers for backward, LoRA dropout off */
     uint64_t seed;
 } tp_decoder_opts;
 
@@ -144,6 +146,34 @@ const tp_decoder_opts *tp_decoder_options(const tp_decoder *m);
  * logits) are computed. */
 int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int backward, float *logits_out,
                     double *loss_sum, int64_t *count, tp_err *err);
+
+/* ---- inference: forward through an attention provider ------------------
+ * The layer math (norms, projections with LoRA, RoPE, o_proj, MaG, MLP, head)
+ * is the training code's; only the two attention branches come from `ops`,
+ * which keeps per-layer state across calls (infer/cache.h). Shapes, for a
+ * block of n new tokens at document positions pos0 .. pos0+n-1:
+ *   softmax: q [n, H*d], k [n, Hkv*d] (both after RoPE), v [n, Hkv*d] -> o [n, H*d]
+ *            (the provider attends over its cached keys plus this block, causally,
+ *            and appends this block's k, v)
+ *   liza:    q [n, H*d], k, v [n, Hkv*d] raw projections (before RoPE) -> y [n, H*d]
+ *            (the un-normalised recurrent output; the provider advances its state) */
+typedef struct tp_attn_ops {
+    int (*softmax)(void *ctx, int layer, const float *q, const float *k, const float *v, int64_t n, float *o,
+                   tp_err *err);
+    int (*liza)(void *ctx, int layer, const float *q, const float *k, const float *v, int64_t n, float *y,
+                tp_err *err);
+} tp_attn_ops;
+
+/* Whether layer l computes the softmax branch (not the pure-linear μ = 1
+ * case), i.e. whether an inference cache needs its KV cache. */
+int tp_decoder_layer_softmax(const tp_decoder *m, int l);
+const tp_model_config *tp_decoder_config(const tp_decoder *m);
+
+/* Forward n tokens (ids [n], one document, positions pos0..) through ops;
+ * logits [n - logits_from, V] of rows logits_from .. n-1 (logits may be NULL
+ * with logits_from = n). The decoder must be created with o.inference. */
+int tp_decoder_forward_cached(tp_decoder *m, const int32_t *ids, int64_t n, int64_t pos0, const tp_attn_ops *ops,
+                              void *ctx, int64_t logits_from, float *logits, tp_err *err);
 
 /* Fill doc_start/pos for a row of T tokens from its sorted document starts
  * (first must be 0). Returns TP_EINVAL with a message on bad starts. */
