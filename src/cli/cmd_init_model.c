@@ -6,13 +6,14 @@
 
 #include "cli/cli.h"
 #include "model/init_model.h"
+#include "tok/tokenizer.h"
 
 static void usage(FILE *fp) {
     fprintf(fp,
             "usage: tptt init-model --arch llama|mistral|qwen2 --layers N --hidden D --heads H --kv-heads K\n"
             "                       --ffn F --vocab V [--head-dim d] [--tie] [--sliding-window W]\n"
             "                       [--dtype bf16|f32|f16] [--shards N] [--seed S] [--init-std X]\n"
-            "                       [--rope-theta X] [--force] OUT_DIR\n"
+            "                       [--rope-theta X] [--byte-tokenizer] [--force] OUT_DIR\n"
             "\n"
             "Writes config.json and seeded random weights (model.safetensors, or N shards with\n"
             "model.safetensors.index.json). Matrices ~ N(0, init-std=0.02), norm weights ~ 1 + N(0, 0.1).\n");
@@ -28,6 +29,7 @@ int tp_cmd_init_model(int argc, char **argv) {
         {"dtype", required_argument, 0, 'T'},    {"shards", required_argument, 0, 's'},
         {"seed", required_argument, 0, 'S'},     {"init-std", required_argument, 0, 'x'},
         {"rope-theta", required_argument, 0, 'r'}, {"force", no_argument, 0, 'f'},
+        {"byte-tokenizer", no_argument, 0, 'b'},
         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     tp_model_config c;
     memset(&c, 0, sizeof c);
@@ -37,7 +39,7 @@ int tp_cmd_init_model(int argc, char **argv) {
     c.eos_id = 2;
     tp_init_opts o;
     tp_init_opts_default(&o);
-    int have_arch = 0;
+    int have_arch = 0, byte_tok = 0;
     long long v;
     char msg[256];
     optind = 1;
@@ -57,6 +59,7 @@ int tp_cmd_init_model(int argc, char **argv) {
             continue;
         case 't': c.tie_embeddings = 1; continue;
         case 'f': o.force = 1; continue;
+        case 'b': byte_tok = 1; continue;
         case 'T':
             if (!strcmp(optarg, "bf16")) o.dtype = TP_BF16;
             else if (!strcmp(optarg, "f32")) o.dtype = TP_F32;
@@ -130,7 +133,9 @@ int tp_cmd_init_model(int argc, char **argv) {
     c.max_pos = c.arch == TP_ARCH_LLAMA ? 2048 : 32768;
     if (c.vocab < 3) c.bos_id = c.eos_id = -1;
     tp_err err = {0};
+    if (byte_tok && c.vocab < 256) return tp_cli_error("init-model: --byte-tokenizer needs --vocab 256 or more");
     if (tp_init_model(&c, &o, argv[optind], &err) != TP_OK) return tp_cli_error(err.msg);
+    if (byte_tok && tp_write_byte_tokenizer(argv[optind], &err) != TP_OK) return tp_cli_error(err.msg);
     printf("wrote %s model to %s (%lld parameters, %s, %d file%s)\n", tp_arch_class(c.arch), argv[optind],
            (long long)tp_model_param_count(&c), tp_dtype_name(o.dtype), o.shards, o.shards > 1 ? "s + index" : "");
     return 0;

@@ -89,6 +89,41 @@ int tp_dist_bcast_string(char **s, tp_err *err) {
     return TP_OK;
 }
 
+int tp_dist_gather_text(const tp_dist *d, const char *s, size_t n, char **all, size_t *lens, tp_err *err) {
+    *all = NULL;
+    if (n > (size_t)INT32_MAX) return tp_fail(err, TP_EINVAL, "gather: %zu bytes is too much for one rank", n);
+    int mine = (int)n, *counts = NULL, *displs = NULL;
+    if (d->rank == 0) {
+        counts = calloc((size_t)d->world, sizeof *counts);
+        displs = calloc((size_t)d->world, sizeof *displs);
+    }
+    int ok = d->rank != 0 || (counts && displs);
+    MPI_Gather(&mine, 1, MPI_INT, counts, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    long long total = 0;
+    if (d->rank == 0 && ok)
+        for (int r = 0; r < d->world; r++) {
+            displs[r] = (int)total;
+            total += counts[r];
+            lens[r] = (size_t)counts[r];
+        }
+    if (total > INT32_MAX) ok = 0;
+    char *buf = d->rank == 0 && ok ? malloc((size_t)total + 1) : NULL;
+    if (d->rank == 0 && !buf) ok = 0;
+    /* every rank takes part in the Gatherv even when the root could not allocate */
+    if (d->rank == 0 && !ok)
+        for (int r = 0; counts && displs && r < d->world; r++) counts[r] = displs[r] = 0;
+    MPI_Gatherv(s, mine, MPI_CHAR, buf, counts, displs, MPI_CHAR, 0, MPI_COMM_WORLD);
+    free(counts);
+    free(displs);
+    if (d->rank == 0 && !ok) {
+        free(buf);
+        return tp_fail(err, TP_ENOMEM, "out of memory gathering %lld bytes of results", total);
+    }
+    if (buf) buf[total] = 0;
+    *all = buf;
+    return TP_OK;
+}
+
 /* ---- gradient buckets ---------------------------------------------------- */
 
 typedef struct bucket {

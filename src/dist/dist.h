@@ -45,6 +45,11 @@ int tp_dist_report_failure(const tp_dist *d, int rc, const tp_err *err);
 /* Broadcast a NUL-terminated string from rank 0 (caller frees *s on every rank). */
 int tp_dist_bcast_string(char **s, tp_err *err);
 
+/* Collective: every rank's n bytes of s, concatenated in rank order into
+ * *all on rank 0 (malloc'ed, NUL-terminated; lens [world] receives each
+ * rank's length); *all is NULL on the other ranks. */
+int tp_dist_gather_text(const tp_dist *d, const char *s, size_t n, char **all, size_t *lens, tp_err *err);
+
 typedef struct tp_grad_sync tp_grad_sync;
 
 int tp_grad_sync_create(tp_decoder *m, double bucket_mb, int world, tp_grad_sync **out, tp_err *err);

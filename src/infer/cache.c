@@ -195,6 +195,7 @@ int tp_cache_reserve(tp_infer_cache *c, int64_t n, tp_err *err) {
 }
 
 int64_t tp_cache_pos(const tp_infer_cache *c) { return c->pos; }
+int64_t tp_cache_vocab(const tp_infer_cache *c) { return tp_decoder_config(c->m)->vocab; }
 
 int tp_cache_has_kv(const tp_infer_cache *c) {
     for (int64_t l = 0; l < c->L; l++)

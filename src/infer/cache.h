@@ -46,6 +46,8 @@ int tp_cache_reserve(tp_infer_cache *c, int64_t n, tp_err *err);
 int64_t tp_cache_pos(const tp_infer_cache *c);
 /* Bytes the cache holds (states, KV caches, scratch). */
 size_t tp_cache_bytes(const tp_infer_cache *c);
+/* The vocabulary size V (logits per position). */
+int64_t tp_cache_vocab(const tp_infer_cache *c);
 /* Whether any layer keeps a KV cache. */
 int tp_cache_has_kv(const tp_infer_cache *c);
 

@@ -83,6 +83,10 @@ uint64_t tp_tokenizer_digest(const tp_tokenizer *t);
 /* "bpe-bytelevel" or "bpe-sentencepiece" (for logs). */
 const char *tp_tokenizer_kind(const tp_tokenizer *t);
 
+/* Write DIR/tokenizer.json for a byte-level vocabulary (id = byte value,
+ * 256 ids; ByteLevel pre-tokenizer and decoder, BPE without merges). */
+int tp_write_byte_tokenizer(const char *dir, tp_err *err);
+
 /* Replace invalid UTF-8 in s[0..n) by U+FFFD (maximal subparts); appends the
  * result to out. Returns the number of replacements. */
 size_t tp_utf8_sanitize(const char *s, size_t n, tp_strbuf *out);
