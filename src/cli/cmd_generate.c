@@ -37,7 +37,9 @@ static void usage(FILE *fp) {
             "  --tokenizer DIR         tokenizer.json location (default: the base model directory)\n"
             "  --logits-out FILE.safetensors   logits of every generated position (one rank only):\n"
             "                          tensor \"logits.<i>\" [new_tokens, vocab] per prompt i\n"
-            "  --prefill-block N       tokens per prefill block (default 512)\n");
+            "  --prefill-block N       tokens per prefill block (default 512)\n"
+            "  --matmul auto|f32|bf16  products with frozen weights (docs/decoder.md); auto: bf16 (oneDNN,\n"
+            "                          activations rounded to bf16) for bf16 models on CPUs with AVX512_BF16\n");
 }
 
 typedef struct prompt {
@@ -272,7 +274,8 @@ int tp_cmd_generate(int argc, char **argv) {
         {"seed", required_argument, 0, 's'},          {"stop", required_argument, 0, 'S'},
         {"ignore-eos", no_argument, 0, 'E'},          {"stream", no_argument, 0, 'w'},
         {"tokenizer", required_argument, 0, 'T'},     {"logits-out", required_argument, 0, 'L'},
-        {"prefill-block", required_argument, 0, 'B'}, {"help", no_argument, 0, 'h'},
+        {"prefill-block", required_argument, 0, 'B'}, {"matmul", required_argument, 0, 'M'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     tp_load_opts lo = {0};
     const char *prompt_text = NULL, *prompt_ids = NULL, *input = NULL, *tok_dir = NULL, *logits_out = NULL;
@@ -296,6 +299,12 @@ int tp_cmd_generate(int argc, char **argv) {
         case 'T': tok_dir = optarg; break;
         case 'L': logits_out = optarg; break;
         case 'E': ignore_eos = 1; break;
+        case 'M':
+            if (!strcmp(optarg, "auto")) lo.matmul = TP_LOAD_MATMUL_AUTO;
+            else if (!strcmp(optarg, "f32")) lo.matmul = TP_LOAD_MATMUL_F32;
+            else if (!strcmp(optarg, "bf16")) lo.matmul = TP_LOAD_MATMUL_BF16;
+            else { fprintf(stderr, "tptt: generate: --matmul: expected auto, f32 or bf16, got '%s'\n", optarg); return 2; }
+            break;
         case 'w': stream = 1; break;
         case 'S':
             if (nstops == 64 || !optarg[0]) { fprintf(stderr, "tptt: generate: --stop: at most 64 non-empty strings\n"); return 2; }
@@ -320,7 +329,8 @@ int tp_cmd_generate(int argc, char **argv) {
             else if (ch == 'P' && ok && x > 0 && x <= 1) so.top_p = x;
             else if (ch == 'r' && ok && x > 0 && x <= 1e6) so.repetition_penalty = x;
             else {
-                fprintf(stderr, "tptt: generate: %s: expected %s, got '%s'\n", argv[optind - 1],
+                fprintf(stderr, "tptt: generate: %s: expected %s, got '%s'\n",
+                        ch == 't' ? "--temperature" : ch == 'P' ? "--top-p" : "--repetition-penalty",
                         ch == 't' ? "a number >= 0" : ch == 'P' ? "a number in (0, 1]" : "a positive number", optarg);
                 return 2;
             }

@@ -211,7 +211,9 @@ void tp_titan_free(tp_titan *t) {
     free(t);
 }
 
-static tp_mm_backend pick_matmul(const tp_hf_model *hf) {
+static tp_mm_backend pick_matmul(const tp_hf_model *hf, int want) {
+    if (want == TP_LOAD_MATMUL_F32) return TP_MM_F32;
+    if (want == TP_LOAD_MATMUL_BF16) return TP_MM_BF16;
     tp_cpu_features cpu;
     tp_cpu_detect(&cpu);
     int all_bf16 = 1;
@@ -220,7 +222,7 @@ static tp_mm_backend pick_matmul(const tp_hf_model *hf) {
     return all_bf16 && cpu.avx512_bf16 ? TP_MM_BF16 : TP_MM_F32;
 }
 
-static int open_plain(tp_titan *t, const char *dir, tp_err *err) {
+static int open_plain(tp_titan *t, const char *dir, int matmul, tp_err *err) {
     if (strlen(dir) >= sizeof t->base_dir) return tp_fail(err, TP_EINVAL, "%s: path too long", dir);
     snprintf(t->base_dir, sizeof t->base_dir, "%s", dir);
     int rc = tp_hf_open(dir, &t->hf, err);
@@ -228,20 +230,22 @@ static int open_plain(tp_titan *t, const char *dir, tp_err *err) {
     tp_decoder_opts o;
     tp_decoder_opts_default(&o);
     o.inference = 1;
-    o.matmul = pick_matmul(t->hf);
+    o.matmul = pick_matmul(t->hf, matmul);
     rc = tp_decoder_create(t->hf, &o, &t->dec, err);
     if (rc == TP_OK)
         snprintf(t->desc, sizeof t->desc, "%s model %s (no LiZA, no adapter)", tp_arch_class(t->hf->cfg.arch), dir);
     return rc;
 }
 
-static int open_checkpoint(tp_titan *t, const char *ck, const char *model_override, tp_err *err) {
+static int open_checkpoint(tp_titan *t, const char *ck, const char *model_override, int matmul, tp_err *err) {
     snprintf(t->ckpt_dir, sizeof t->ckpt_dir, "%s", ck);
     char *cfg_path = tp_path_join(ck, "config.json", err);
     if (!cfg_path) return TP_ENOMEM;
     char *json = NULL;
     size_t len = 0;
-    int rc = tp_read_file(cfg_path, 1u << 20, &json, &len, err);
+    /* nothing is read from a checkpoint whose MANIFEST does not verify */
+    int rc = tp_ckpt_verify(ck, err);
+    if (rc == TP_OK) rc = tp_read_file(cfg_path, 1u << 20, &json, &len, err);
     tp_decoder_opts o;
     char base_name[TP_TITAN_PATH_MAX];
     if (rc == TP_OK) rc = tp_titan_parse_config(cfg_path, json, len, &o, &t->step, base_name, sizeof base_name, err);
@@ -264,7 +268,7 @@ static int open_checkpoint(tp_titan *t, const char *ck, const char *model_overri
     }
     if (rc == TP_OK) rc = tp_hf_open(t->base_dir, &t->hf, err);
     if (rc == TP_OK) {
-        o.matmul = pick_matmul(t->hf);
+        o.matmul = pick_matmul(t->hf, matmul);
         rc = tp_decoder_create(t->hf, &o, &t->dec, err);
         if (rc) tp_err_prefix(err, "%s", cfg_path);
     }
@@ -308,7 +312,7 @@ int tp_titan_load(const tp_load_opts *o, tp_titan **out, tp_err *err) {
     if (!t) return TP_ENOMEM;
     int rc;
     if (!o->checkpoint) {
-        rc = open_plain(t, o->model, err);
+        rc = open_plain(t, o->model, o->matmul, err);
     } else {
         const char *ck = o->checkpoint;
         char found[TP_TITAN_PATH_MAX];
@@ -340,7 +344,7 @@ int tp_titan_load(const tp_load_opts *o, tp_titan **out, tp_err *err) {
             }
             free(json);
             free(cp);
-            if (rc == TP_OK) rc = titan ? open_checkpoint(t, ck, o->model, err) : open_plain(t, ck, err);
+            if (rc == TP_OK) rc = titan ? open_checkpoint(t, ck, o->model, o->matmul, err) : open_plain(t, ck, o->matmul, err);
         }
     }
     if (rc) {

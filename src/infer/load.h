@@ -31,9 +31,12 @@
 
 #define TP_TITAN_PATH_MAX 4096
 
+enum { TP_LOAD_MATMUL_AUTO = 0, TP_LOAD_MATMUL_F32 = 1, TP_LOAD_MATMUL_BF16 = 2 };
+
 typedef struct tp_load_opts {
     const char *model;      /* base / merged model directory, or NULL */
     const char *checkpoint; /* checkpoint or run directory, or NULL */
+    int matmul;             /* TP_LOAD_MATMUL_*: auto = bf16 for all-bf16 weights on AVX512_BF16 CPUs */
 } tp_load_opts;
 
 typedef struct tp_titan {
