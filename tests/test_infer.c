@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "infer/cache.h"
+#include "infer/load.h"
 #include "io/hf_model.h"
 #include "kernels/liza.h"
 #include "kernels/liza_gates.h"
@@ -184,7 +185,66 @@ static void check_memory(tp_hf_model *plain, tp_hf_model *win) {
     tp_decoder_destroy(m);
 }
 
+/* A checkpoint's config.json: what tptt writes parses back to the same
+ * options; every bad field is an error naming the file and the field. */
+static void check_config(void) {
+    static const char *good =
+        "{\"model_type\":\"tptt\",\"base_model_name\":\"/m\",\"liza_enabled\":true,\"operator_mode\":null,"
+        "\"recurrent_config\":{\"order\":3,\"alpha_gate\":\"kv\",\"beta_gate\":\"v\",\"linear\":false,\"trick\":\"rdt\"},"
+        "\"max_chunk_size\":16,\"base_scale_attn\":true,\"mag_weight\":0.25,\"cross_gate\":true,\"mag_mode\":\"cyclic\","
+        "\"mag_mu1\":0.75,\"mag_steps\":10,\"mag_values\":[0.1,0.9],\"mag_period\":5,\"mag_learnable_shape\":\"vector\","
+        "\"mag_step\":42,\"mag_mu\":0.1,\"trainable\":\"lora\",\"lora_config\":{\"peft_type\":\"LORA\",\"r\":4,"
+        "\"lora_alpha\":8,\"lora_dropout\":0.1,\"target_modules\":[\"q_proj\",\"down_proj\"],\"use_rslora\":true}}";
+    tp_decoder_opts o;
+    int64_t step = -1;
+    char base[64];
+    tp_err err = {0};
+    int rc = tp_titan_parse_config("ck/config.json", good, strlen(good), &o, &step, base, sizeof base, &err);
+    CHECK_MSG(rc == TP_OK, "good config: %s", err.msg);
+    CHECK(step == 42 && !strcmp(base, "/m") && o.inference);
+    CHECK(o.liza.enabled && o.liza.order == 3 && o.liza.alpha_gate == TP_GATE_KV && o.liza.beta_gate == TP_GATE_V);
+    CHECK(!o.liza.linear && o.liza.trick == TP_TRICK_RDT && o.liza.chunk == 16 && o.liza.base_scale_attn);
+    CHECK(o.mag.mode == TP_MAG_CYCLIC && o.mag.mu0 == 0.25 && o.mag.mu1 == 0.75 && o.mag.steps == 10);
+    CHECK(o.mag.nvalues == 2 && o.mag.values[1] == 0.9 && o.mag.period == 5 && o.mag.vector && o.mag.cross_gate);
+    CHECK(o.lora.r == 4 && o.lora.alpha == 8 && o.lora.rslora);
+    CHECK(o.lora.targets == ((1u << TP_MOD_Q) | (1u << TP_MOD_DOWN)));
+    CHECK(fabs(tp_mag_mu(&o.mag, step) - 0.1) < 1e-12); /* step 42, period 5: value 8 % 2 = 0 */
+    static const struct { const char *from, *to, *field; } bad[] = {
+        {"\"model_type\":\"tptt\"", "\"model_type\":\"llama\"", "model_type"},
+        {"\"base_model_name\":\"/m\"", "\"base_model_name\":7", "base_model_name"},
+        {"\"order\":3", "\"order\":9", "order"},
+        {"\"order\":3", "\"order\":2.5", "order"},
+        {"\"alpha_gate\":\"kv\"", "\"alpha_gate\":\"q\"", "alpha_gate"},
+        {"\"trick\":\"rdt\"", "\"trick\":null", "trick"},
+        {"\"linear\":false", "\"linear\":0", "linear"},
+        {"\"max_chunk_size\":16", "\"max_chunk_size\":0", "max_chunk_size"},
+        {"\"mag_weight\":0.25", "\"mag_weight\":1.5", "mag_weight"},
+        {"\"mag_mode\":\"cyclic\"", "\"mag_mode\":\"wild\"", "mag_mode"},
+        {"\"mag_values\":[0.1,0.9]", "\"mag_values\":[0.1,\"x\"]", "mag_values"},
+        {"\"mag_step\":42", "\"mag_step\":-1", "mag_step"},
+        {"\"mag_step\":42", "\"mag_step\":1e300", "mag_step"},
+        {"\"trainable\":\"lora\"", "\"trainable\":\"some\"", "trainable"},
+        {"\"r\":4", "\"r\":0", "\"r\""},
+        {"\"target_modules\":[\"q_proj\",\"down_proj\"]", "\"target_modules\":[\"w_proj\"]", "target_modules"},
+        {"\"recurrent_config\":{", "\"recurrent_confi\":{", "recurrent_config"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char text[2048];
+        const char *at = strstr(good, bad[i].from);
+        CHECK(at != NULL);
+        if (!at) continue;
+        snprintf(text, sizeof text, "%.*s%s%s", (int)(at - good), good, bad[i].to, at + strlen(bad[i].from));
+        memset(&err, 0, sizeof err);
+        rc = tp_titan_parse_config("ck/config.json", text, strlen(text), &o, &step, base, sizeof base, &err);
+        CHECK_MSG(rc != TP_OK && strstr(err.msg, "ck/config.json") && strstr(err.msg, bad[i].field),
+                  "bad %s: rc %d, message '%s'", bad[i].field, rc, err.msg);
+    }
+    rc = tp_titan_parse_config("ck/config.json", "[1", 2, &o, &step, base, sizeof base, &err);
+    CHECK(rc != TP_OK && strstr(err.msg, "ck/config.json"));
+}
+
 int main(void) {
+    check_config();
     snprintf(dir, sizeof dir, "/tmp/tptt_test_infer_%d", (int)getpid());
     tp_hf_model *llama = make_model("llama", TP_ARCH_LLAMA, 4, 2, 0);
     tp_hf_model *mistral = make_model("mistral", TP_ARCH_MISTRAL, 4, 1, 6);
