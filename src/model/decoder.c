@@ -364,14 +364,15 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
             return tp_fail(err, TP_EINVAL, "batch: label %d at row %lld, position %lld is outside [0, %lld) and not -100",
                            b->labels[t], (long long)(t / b->T), (long long)(t % b->T), (long long)V);
     }
+    if (backward && m->o.inference) return tp_fail(err, TP_EINVAL, "internal: backward on an inference decoder");
     int rc = tp_decoder_ensure_acts(m, N, b->T, err);
     if (rc) return rc;
     m->cur = b;
     tp_rope_tables(m->rope_cos, m->rope_sin, m->inv_freq, c->head_dim, b->T);
     embed_rows(&m->embed, b->ids, N, m->x_res);
     for (int64_t l = 0; l < L; l++) {
-        if (m->o.recompute) memcpy(m->x_saved + l * N * D, m->x_res, (size_t)(N * D) * sizeof(float));
-        if ((rc = layer_fwd(m, (int)l, &m->A[m->o.recompute ? 0 : l], m->x_res, b, err))) return rc;
+        if (m->x_saved) memcpy(m->x_saved + l * N * D, m->x_res, (size_t)(N * D) * sizeof(float));
+        if ((rc = layer_fwd(m, (int)l, &m->A[m->nsets == 1 ? 0 : l], m->x_res, b, err))) return rc;
     }
     memcpy(m->xL, m->x_res, (size_t)(N * D) * sizeof(float));
     tp_rmsnorm_fwd(m->xf, m->rstdf, m->xL, m->norm_final, N, D, (float)c->rms_eps);

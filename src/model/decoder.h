@@ -81,8 +81,8 @@ typedef struct tp_decoder_opts {
     tp_mag_opts mag;
     tp_mm_backend matmul;
     int recompute;
-    int inference;    /* forward only (tp_decoder_forward_cached): no gradient or activation
-                         buffers for backward, LoRA dropout off */
+    int inference;    /* forward only (tp_decoder_forward_cached, or tp_decoder_step without
+                         backward): no gradient or activation buffers for backward, LoRA dropout off */
     uint64_t seed;
 } tp_decoder_opts;
 

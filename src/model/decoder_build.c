@@ -364,15 +364,13 @@ int tp_decoder_ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err) {
     const tp_model_config *c = &m->cfg;
     int64_t D = c->hidden, F = c->ffn, qd = c->heads * c->head_dim, kvd = c->kv_heads * c->head_dim;
     int64_t L = c->layers, r = m->o.trainable == TP_TRAIN_LORA ? m->o.lora.r : 0, H = c->heads, Hkv = c->kv_heads;
-    /* inference keeps nothing for backward: one set, no gradient buffers,
-     * logits written straight to the caller's buffer */
+    /* inference keeps nothing for backward: one set, no gradient buffers */
     int64_t inf = m->o.inference, gr = !inf, nsets = m->o.recompute || inf ? 1 : L, lz = m->o.liza.enabled;
     int64_t maxin = F > D ? F : D;
     if (maxin < qd) maxin = qd;
     int64_t blk = (16 << 20) / c->vocab; /* logits block: ~64 MB */
     if (blk < 1) blk = 1;
     if (blk > N) blk = N;
-    if (inf) blk = 0;
     /* per set: the base layer, plus LiZA's feature maps, gates, output and
      * the stacked o_proj input/output */
     size_t per_set = (size_t)(N * (4 * D + 2 * qd + 2 * kvd + 2 * qd + kvd + 3 * F) + 2 * N + H * N +

@@ -104,6 +104,17 @@ int tp_model_config_check(const char *label, const tp_model_config *c, tp_err *e
         if (pos[i].v <= 0 || pos[i].v > (1ll << 31))
             return tp_fail(err, TP_EFORMAT, "%s: field \"%s\" must be a positive integer below 2^31, got %lld",
                            label, pos[i].name, (long long)pos[i].v);
+    /* sizes that drive allocations before any tensor is looked at: bounded
+     * far above every real model, so a typo cannot ask for terabytes */
+    struct { const char *name; int64_t v, max; } lim[] = {
+        {"num_hidden_layers", c->layers, 1024},      {"hidden_size", c->hidden, 1 << 18},
+        {"intermediate_size", c->ffn, 1 << 20},      {"num_attention_heads", c->heads, 1 << 12},
+        {"num_key_value_heads", c->kv_heads, 1 << 12}, {"head_dim", c->head_dim, 1 << 12},
+        {"vocab_size", c->vocab, 1 << 24}};
+    for (size_t i = 0; i < sizeof lim / sizeof *lim; i++)
+        if (lim[i].v > lim[i].max)
+            return tp_fail(err, TP_EFORMAT, "%s: field \"%s\" is %lld, more than the %lld this program accepts", label,
+                           lim[i].name, (long long)lim[i].v, (long long)lim[i].max);
     if (c->heads % c->kv_heads)
         return tp_fail(err, TP_EFORMAT, "%s: num_attention_heads (%lld) must be a multiple of num_key_value_heads (%lld)",
                        label, (long long)c->heads, (long long)c->kv_heads);
@@ -117,6 +128,19 @@ int tp_model_config_check(const char *label, const tp_model_config *c, tp_err *e
     return TP_OK;
 }
 
+/* First key that appears twice in one object (at any depth), or NULL. */
+static const char *dup_key(const cJSON *j, const cJSON *parent) {
+    (void)parent;
+    for (const cJSON *a = j ? j->child : NULL; a; a = a->next) {
+        if (cJSON_IsObject(j))
+            for (const cJSON *b = a->next; b; b = b->next)
+                if (a->string && b->string && !strcmp(a->string, b->string)) return a->string;
+        const char *d = dup_key(a, j);
+        if (d) return d;
+    }
+    return NULL;
+}
+
 int tp_model_config_parse(const char *label, const char *json, size_t len, tp_model_config *out, tp_err *err) {
     memset(out, 0, sizeof *out);
     const char *end = NULL;
@@ -128,6 +152,12 @@ int tp_model_config_parse(const char *label, const char *json, size_t len, tp_mo
     int rc = TP_OK;
     tp_model_config *c = out;
     if (!cJSON_IsObject(root)) { rc = tp_fail(err, TP_EFORMAT, "%s: not a JSON object", label); goto done; }
+    const char *dk = dup_key(root, NULL);
+    if (dk) {
+        rc = tp_fail(err, TP_EFORMAT, "%s: field \"%s\" appears twice (Hugging Face would silently use the last one; "
+                     "keep one)", label, dk);
+        goto done;
+    }
     const cJSON *archs = cJSON_GetObjectItemCaseSensitive(root, "architectures");
     const cJSON *a0 = cJSON_IsArray(archs) ? cJSON_GetArrayItem(archs, 0) : NULL;
     if (!cJSON_IsString(a0)) {
@@ -190,6 +220,11 @@ int tp_model_config_parse(const char *label, const char *json, size_t len, tp_mo
         const cJSON *sw = cJSON_GetObjectItemCaseSensitive(root, "sliding_window");
         if (sw && cJSON_IsNull(sw)) c->sliding_window = 0;
         else if ((rc = get_int(label, root, "sliding_window", 0, &c->sliding_window, err))) goto done;
+        else if (sw && c->sliding_window <= 0) {
+            rc = tp_fail(err, TP_EFORMAT, "%s: field \"sliding_window\" is %lld, expected a positive window or null "
+                         "(no window)", label, (long long)c->sliding_window);
+            goto done;
+        }
     }
     if (c->arch == TP_ARCH_QWEN2) {
         int usw = 0;
