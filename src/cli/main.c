@@ -26,6 +26,7 @@ static void usage(FILE *fp) {
             "  plot         draw loss and learning rate from metrics.jsonl (gnuplot)\n"
             "  generate     run a trained Titan (or a base model) on prompts: text out, recurrent LiZA cache\n"
             "  eval         perplexity and MMLU of a trained Titan or a base model\n"
+            "  export       a checkpoint as a merged HF model, a PEFT adapter or a Titan directory\n"
             "  version      print the version and the numeric libraries in use\n"
             "\n"
             "Run 'tptt <command> --help' for a command's options. Documentation: docs/.\n");
@@ -110,6 +111,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "plot")) return tp_cmd_plot(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return tp_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return tp_cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "export")) return tp_cmd_export(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         char buf[512];
         tp_platform_describe(buf, sizeof buf);

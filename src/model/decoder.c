@@ -103,7 +103,7 @@ static int need_softmax(const tp_decoder *m, int l);
 
 static double layer_mu(const tp_decoder *m, int l, const float **mu_logit) {
     *mu_logit = NULL;
-    if (m->o.mag.mode == TP_MAG_LEARNABLE) {
+    if (m->o.mag.mode == TP_MAG_LEARNABLE && m->layers[l].mag_logit) { /* no logits without LiZA */
         *mu_logit = m->layers[l].mag_logit;
         return 1.0 / (1.0 + exp(-(double)m->layers[l].mag_logit[0]));
     }
