@@ -208,6 +208,111 @@ if kit.succeeds(p, "perplexity on JSONL text"):
     kit.eq(r["tokens"], want, "byte-level tokens packed like training rows")
 
 
+# ---- MMLU: the original CSV layout, log-likelihoods against the oracle
+mm = os.path.join(work, "mmlu")
+os.makedirs(os.path.join(mm, "dev"))
+os.makedirs(os.path.join(mm, "test"))
+with open(os.path.join(mm, "dev", "astronomy_dev.csv"), "w") as f:
+    f.write('"What is the sun?",A star,A planet,"A moon, really",A comet,A\n')
+with open(os.path.join(mm, "test", "astronomy_test.csv"), "w") as f:
+    f.write('"Which is largest?",Earth,Jupiter,Mars,Venus,B\n'
+            '"He said ""hi"", then\nleft. Why?",No reason,Rain,Snow,Wind,A\n'
+            'five,fields,only,here,A\n'
+            'Bad answer?,a,b,c,d,E\n')
+with open(os.path.join(mm, "dev", "law_dev.csv"), "w") as f:
+    f.write("Is law old?,Yes,No,Maybe,Never,A\n")
+with open(os.path.join(mm, "test", "law_test.csv"), "w") as f:
+    f.write("Is law fun?,Yes,No,Maybe,Never,C\n")
+items = os.path.join(work, "items.jsonl")
+p = run(["eval", "mmlu", "--checkpoint", run_dir, "--data", mm, "--items-out", items, "--matmul", "f32",
+         "--compare"], "mmlu")
+if kit.succeeds(p, "mmlu on the CSV layout"):
+    r = report(p)
+    kit.eq((r["items"], r["subjects"], r["skipped_rows"]), (3, 2, 2), "items, subjects, counted skips")
+    check("5 fields" in p.stderr and "astronomy_test.csv:4" in p.stderr, "the skipped row is named", p.stderr)
+    for key in ("metrics", "base_metrics", "difference"):
+        check(key in r and "acc" in r[key] and "pqem" in r[key], "report has " + key)
+    check("Titan - base" in p.stderr and "PQEM" in p.stderr, "readable tables on stderr", p.stderr[-800:])
+    rows = [json.loads(x) for x in open(items)]
+    kit.eq([x["index"] for x in rows], [0, 1, 2], "items in order")
+    kit.eq([x["gold"] for x in rows], ["B", "A", "C"], "gold letters")
+    # the prompt text, decoded from its ids (byte tokenizer): HELM/lighteval's format, one shot
+    text = bytes(rows[1]["prompt_ids"]).decode()
+    want = ("The following are multiple choice questions (with answers) about astronomy.\n\n"
+            "What is the sun?\nA. A star\nB. A planet\nC. A moon, really\nD. A comet\nAnswer: A\n\n"
+            'He said "hi", then\nleft. Why?\nA. No reason\nB. Rain\nC. Snow\nD. Wind\nAnswer:')
+    kit.eq(text, want, "prompt text (quotes and newline inside a CSV field)")
+    kit.eq(rows[0]["choice_ids"], [[32, 65], [32, 66], [32, 67], [32, 68]], "choice ids of ' A'..' D' (bytes)")
+    # the oracle: log p(choice | prompt) from the written ids
+    ck = tu.latest(run_dir)
+    tensors, _ = stnp.load(os.path.join(ck, "adapter_model.safetensors"))
+    extra, _ = stnp.load(os.path.join(ck, "liza_model.safetensors"))
+    tensors.update(extra)
+    with open(os.path.join(ck, "config.json")) as f:
+        conf = f.read()
+    worst = 0.0
+    for x in rows:
+        for k in range(4):
+            seq = x["prompt_ids"] + x["choice_ids"][k][:-1]
+            out = {"logits": ("F32", np.zeros((1, 1, 1), np.float32)), "loss": ("F32", np.zeros((), np.float32))}
+            for kk, v in tensors.items():
+                out[kk] = ("F32", v.astype(np.float32))
+                out[kk + ".grad"] = ("F32", np.zeros_like(v, dtype=np.float32))
+            fake = os.path.join(work, "fake_mmlu.safetensors")
+            stnp.save(fake, out, {"format": "pt", "config": conf, "batch": json.dumps({"input_ids": [seq]})})
+            lg = oracle.run_case(llama, fake, grads=False)["logits"][0]
+            n0 = len(x["prompt_ids"]) - 1
+            ll = 0.0
+            for i, tid in enumerate(x["choice_ids"][k]):
+                row = lg[n0 + i]
+                m = row.max()
+                ll += row[tid] - (m + math.log(np.exp(row - m).sum()))
+            worst = max(worst, abs(ll - x["ll"][k]))
+        kit.eq(x["pred"], "ABCD"[int(np.argmax(x["ll"]))], "pred is the argmax of ll")
+        kit.eq(x["acc"], int(x["pred"] == x["gold"]), "acc")
+    check(worst < 1e-4, "per-choice log-likelihoods equal the oracle's", worst)
+    two = run(["eval", "mmlu", "--checkpoint", run_dir, "--data", mm, "--matmul", "f32", "--compare",
+               "--items-out", items + "2"], "mmlu 2 ranks", mpi=2)
+    if kit.succeeds(two, "mmlu on 2 ranks"):
+        kit.eq(open(items + "2").read(), open(items).read(), "2 ranks write the same items as 1")
+        kit.eq(report(two)["metrics"], r["metrics"], "2 ranks report the same metrics")
+# JSONL with shots from --dev
+jtest = os.path.join(work, "mm_test.jsonl")
+with open(jtest, "w") as f:
+    f.write(json.dumps({"subject": "math", "question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"}) + "\n")
+    f.write(json.dumps({"subject": "math", "question": "1+1?", "choices": ["2", "3", "4", "5"], "answer": 0}) + "\n")
+p = run(["eval", "mmlu", "--checkpoint", run_dir, "--data", jtest], "mmlu jsonl without dev")
+check(p.returncode == 1 and "--dev" in p.stderr, "JSONL with shots needs --dev", p.stderr)
+p = run(["eval", "mmlu", "--checkpoint", run_dir, "--data", jtest, "--shots", 0], "mmlu jsonl zero-shot")
+if kit.succeeds(p, "zero-shot JSONL"):
+    kit.eq(report(p)["items"], 2, "JSONL items")
+p = run(["eval", "mmlu", "--model", llama, "--data", jtest, "--dev", jtest], "mmlu jsonl dev")
+kit.succeeds(p, "JSONL with --dev shots on a plain model")
+p = run(["eval", "mmlu", "--model", llama, "--data", jtest, "--shots", 0, "--compare"], "compare without ckpt")
+check(p.returncode == 1 and "--compare" in p.stderr, "--compare needs a checkpoint", p.stderr)
+nodev = os.path.join(work, "mm_nodev")
+shutil.copytree(mm, nodev)
+shutil.rmtree(os.path.join(nodev, "dev"))
+p = run(["eval", "mmlu", "--model", llama, "--data", nodev], "mmlu without dev dir")
+check(p.returncode == 1 and "dev" in p.stderr, "a missing dev directory is an error naming it", p.stderr)
+p = run(["eval", "mmlu", "--model", llama, "--data", nodev, "--shots", 0], "mmlu zero-shot without dev")
+kit.succeeds(p, "zero-shot needs no dev directory")
+open(os.path.join(work, "empty_mm.jsonl"), "w").close()
+p = run(["eval", "mmlu", "--model", llama, "--data", os.path.join(work, "empty_mm.jsonl"), "--shots", 0], "empty")
+check(p.returncode == 1 and "empty_mm.jsonl" in p.stderr, "an empty MMLU file is an error naming it", p.stderr)
+
+# ---- passkey: runs, reports a table, same on 2 ranks
+p = run(["eval", "passkey", "--checkpoint", run_dir, "--lengths", "128,256", "--depths", "0,1", "--trials", 2,
+         "--seed", 4], "passkey")
+if kit.succeeds(p, "passkey"):
+    r = report(p)
+    kit.eq((r["lengths"], r["depths"], r["trials"]), ([128, 256], [0.0, 1.0], 2), "passkey grid")
+    kit.eq(len(r["by_length_depth"]), 2, "one row per length")
+    two = run(["eval", "passkey", "--checkpoint", run_dir, "--lengths", "128,256", "--depths", "0,1", "--trials",
+               2, "--seed", 4], "passkey 2 ranks", mpi=2)
+    if kit.succeeds(two, "passkey on 2 ranks"):
+        kit.eq(report(two)["by_length_depth"], r["by_length_depth"], "passkey: 2 ranks = 1")
+
 # ---- bad input
 def bad(args, want, what, code=1, mpi=0):
     p = run(args, what, mpi=mpi)

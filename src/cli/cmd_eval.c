@@ -20,6 +20,7 @@ static void usage(FILE *fp) {
     fprintf(fp,
             "usage: [mpirun -np N] tptt eval perplexity (--checkpoint CK | --model DIR) --data FILE [options]\n"
             "       [mpirun -np N] tptt eval mmlu (--checkpoint CK | --model DIR) --data DIR_OR_JSONL [options]\n"
+            "       [mpirun -np N] tptt eval passkey (--checkpoint CK | --model DIR) [--max-context N] [options]\n"
             "\n"
             "perplexity: loss and perplexity on a data file of the training formats.\n"
             "  --format auto|tokens|text|alpaca|chat  (auto: token shard by its magic, .txt text, JSONL by its\n"
@@ -27,7 +28,7 @@ static void usage(FILE *fp) {
             "  --seq-len N (default 512)  --stride S (sliding windows per document; default 0: packed rows)\n"
             "  --micro-batch B (default 1)  --max-rows N  --cache-dir DIR (tokenized data; default\n"
             "                          $TMPDIR/tptt-eval-cache)  --tokenizer DIR\n"
-            "mmlu: see 'tptt eval mmlu --help'.\n"
+            "mmlu, passkey: see 'tptt eval mmlu --help', 'tptt eval passkey --help'.\n"
             "common: --report FILE.json  --matmul auto|f32|bf16\n");
 }
 
@@ -233,6 +234,7 @@ int tp_cmd_eval(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "perplexity")) return cmd_perplexity(argc - 1, argv + 1);
     if (!strcmp(argv[1], "mmlu")) return tp_cmd_eval_mmlu(argc - 1, argv + 1);
-    fprintf(stderr, "tptt: eval: unknown mode '%s' (expected perplexity or mmlu)\n", argv[1]);
+    if (!strcmp(argv[1], "passkey")) return tp_cmd_eval_passkey(argc - 1, argv + 1);
+    fprintf(stderr, "tptt: eval: unknown mode '%s' (expected perplexity, mmlu or passkey)\n", argv[1]);
     return 2;
 }

@@ -19,5 +19,6 @@ int tp_eval_common_option(int ch, const char *arg, tp_eval_common *c);
 int tp_eval_write_report(const tp_dist *d, const tp_eval_common *c, const char *json, tp_err *err);
 
 int tp_cmd_eval_mmlu(int argc, char **argv);
+int tp_cmd_eval_passkey(int argc, char **argv);
 
 #endif
