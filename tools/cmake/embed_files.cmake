@@ -1,6 +1,8 @@
 # embed_files.cmake - write a C source holding the bytes of FILES (a
-# ;-separated list) as tp_titan_files[], for `tptt export --format titan`.
-# Run as: cmake -DOUT=file.c -DFILES="a;b" -P embed_files.cmake
+# |-separated list: a ;-list does not survive the command line) as
+# tp_titan_files[], for `tptt export --format titan`.
+# Run as: cmake -DOUT=file.c -DFILES="a|b" -P embed_files.cmake
+string(REPLACE "|" ";" FILES "${FILES}")
 set(body "")
 set(table "")
 set(n 0)
