@@ -23,6 +23,8 @@ struct tp_matmul {
     tp_mm_backend backend;
     float *wbuf; /* fp32 copy of one weight matrix (f32 path) */
     size_t wcap;
+    const void *wkey; /* the held weight wbuf holds converted (tp_mm_hold), or NULL */
+    const void *held; /* the weight whose fp32 copy is kept between calls, or NULL */
     uint16_t *abuf; /* bf16 activations (bf16 path) */
     size_t acap;
     dnnl_engine_t engine;
@@ -131,8 +133,11 @@ static int grow(void **buf, size_t *cap, size_t bytes, tp_err *err) {
 /* fp32 view of w: the data itself, or a converted copy in mm->wbuf */
 static const float *weight_f32(tp_matmul *mm, const tp_weight *w, tp_err *err) {
     if (w->dtype == TP_F32) return w->data;
+    if (mm->held == w->data && mm->wkey == w->data) return mm->wbuf;
     size_t n = (size_t)(w->rows * w->cols);
+    mm->wkey = NULL;
     if (grow((void **)&mm->wbuf, &mm->wcap, n * sizeof(float), err) != TP_OK) return NULL;
+    if (mm->held == w->data) mm->wkey = w->data;
     const uint16_t *h = w->data;
     float *o = mm->wbuf;
     if (w->dtype == TP_BF16) {
@@ -493,6 +498,11 @@ int tp_mm_xwt_small(const float *x, int64_t n, const tp_weight *w, float *y, int
         }
     }
     return TP_OK;
+}
+
+void tp_mm_hold(tp_matmul *mm, const tp_weight *w) {
+    mm->held = w ? w->data : NULL;
+    mm->wkey = NULL;
 }
 
 int tp_mm_xwt(tp_matmul *mm, const float *x, int64_t n, const tp_weight *w, float *y, int accumulate, tp_err *err) {

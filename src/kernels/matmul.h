@@ -81,6 +81,12 @@ tp_mm_isa tp_mm_force_isa(int isa);
  * any n >= 1 (BF16/F16 weights only; TP_EINVAL otherwise). */
 int tp_mm_xwt_small(const float *x, int64_t n, const tp_weight *w, float *y, int accumulate, tp_err *err);
 
+/* Keep the fp32 conversion of w (a frozen bf16/f16 weight that does not
+ * change meanwhile) between calls until tp_mm_hold(mm, NULL): the LM head,
+ * used by every block of tokens in both directions, is then converted once
+ * per micro-batch instead of once per block and direction. */
+void tp_mm_hold(tp_matmul *mm, const tp_weight *w);
+
 /* Plain fp32 helpers on private buffers (sgemm, row-major):
  * C[m, n] (+)= A[m, k] · B[k, n] with optional transposes, leading dims. */
 void tp_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,

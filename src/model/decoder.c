@@ -378,24 +378,25 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
     tp_rmsnorm_fwd(m->xf, m->rstdf, m->xL, m->norm_final, N, D, (float)c->rms_eps);
     /* LM head + cross-entropy, a block of tokens at a time so [N, V] logits
      * never exist at once; the head's backward is fused in */
-    int64_t blk = (16 << 20) / V;
-    if (blk < 1) blk = 1;
-    if (blk > N) blk = N;
+    int64_t blk = tp_head_block(V, N);
     double total = 0;
     int64_t cnt_all = 0;
     float scale = backward && normalizer > 0 ? (float)(1.0 / normalizer) : 0.0f;
+    tp_mm_hold(m->mm, &m->head);
     for (int64_t t0 = 0; t0 < N; t0 += blk) {
         int64_t nb = t0 + blk <= N ? blk : N - t0;
         float *lg = m->logit_blk;
-        if ((rc = tp_mm_xwt(m->mm, m->xf + t0 * D, nb, &m->head, lg, 0, err))) return rc;
+        if ((rc = tp_mm_xwt(m->mm, m->xf + t0 * D, nb, &m->head, lg, 0, err))) break;
         if (logits_out) memcpy(logits_out + t0 * V, lg, (size_t)(nb * V) * sizeof(float));
         int64_t cnt;
         total += tp_cross_entropy(backward ? lg : NULL, lg, b->labels + t0, nb, V, scale, &cnt);
         cnt_all += cnt;
         if (!backward) continue;
         if (m->dhead) tp_sgemm(1, 0, V, D, nb, 1.0f, lg, V, m->xf + t0 * D, D, 1.0f, m->dhead, D);
-        if ((rc = tp_mm_dyw(m->mm, lg, nb, &m->head, m->d_tmp + t0 * D, 0, err))) return rc;
+        if ((rc = tp_mm_dyw(m->mm, lg, nb, &m->head, m->d_tmp + t0 * D, 0, err))) break;
     }
+    tp_mm_hold(m->mm, NULL);
+    if (rc) return rc;
     *loss_sum = total;
     *count = cnt_all;
     if (!backward) return TP_OK;

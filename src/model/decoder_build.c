@@ -368,9 +368,7 @@ int tp_decoder_ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err) {
     int64_t inf = m->o.inference, gr = !inf, nsets = m->o.recompute || inf ? 1 : L, lz = m->o.liza.enabled;
     int64_t maxin = F > D ? F : D;
     if (maxin < qd) maxin = qd;
-    int64_t blk = (16 << 20) / c->vocab; /* logits block: ~64 MB */
-    if (blk < 1) blk = 1;
-    if (blk > N) blk = N;
+    int64_t blk = tp_head_block(c->vocab, N);
     /* per set: the base layer, plus LiZA's feature maps, gates, output and
      * the stacked o_proj input/output */
     size_t per_set = (size_t)(N * (4 * D + 2 * qd + 2 * kvd + 2 * qd + kvd + 3 * F) + 2 * N + H * N +

@@ -71,6 +71,15 @@ struct tp_decoder {
     void *ops_ctx;
 };
 
+/* Tokens per block of the LM head + cross-entropy: ~128 MB of fp32 logits,
+ * enough rows for sgemm to run at full speed on a 128k vocabulary without
+ * [N, V] logits existing at once. */
+static inline int64_t tp_head_block(int64_t V, int64_t N) {
+    int64_t blk = ((int64_t)32 << 20) / V;
+    if (blk < 1) blk = 1;
+    return blk > N ? N : blk;
+}
+
 /* Size the activation arena for N tokens in rows of T (grows only). In
  * inference mode (m->infer) one set without gradient buffers. */
 int tp_decoder_ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err);

@@ -32,9 +32,14 @@ void tp_mem_estimate_compute(const tp_model_config *c, uint64_t frozen_bytes, co
     uint64_t layer_act = 4 * (T * (3 * D + 2 * (qd + 2 * kvd) + 2 * qd + D + 3 * F) + T * H + chunks * H * d * d);
     uint64_t layer_in = 4 * T * D;
     e->activation_bytes = o->recompute ? L * layer_in + layer_act : L * layer_act;
-    /* logits and their gradient; one layer's gradients of activations; the
-     * fp32 panel of the largest frozen matrix for the f32 backend */
+    /* one block of logits (the head runs over blocks of ~128 MB, decoder_impl.h);
+     * one layer's gradients of activations; for the f32 backend the fp32 copy
+     * of the largest frozen matrix, which is the LM head when V > F (kept for
+     * the whole head pass), for bf16 the activations rounded to bf16 */
+    uint64_t blk = ((uint64_t)32 << 20) / (V ? V : 1);
+    if (blk < 1) blk = 1;
+    if (blk > T) blk = T;
     uint64_t big = F * D > V * D ? F * D : V * D;
-    e->scratch_bytes = 4 * (2 * T * V) + layer_act + (o->bf16_matmul ? 2 * T * (F > D ? F : D) : 4 * (big < F * D ? big : F * D));
+    e->scratch_bytes = 4 * blk * V + layer_act + (o->bf16_matmul ? 2 * T * (F > D ? F : D) : 4 * big);
     e->private_bytes = e->trainable_bytes + e->activation_bytes + e->scratch_bytes;
 }
