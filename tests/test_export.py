@@ -208,6 +208,54 @@ p = run(["export", os.path.join(work, "llama_run"), "--out", os.path.join(work, 
 check(p.returncode == 1 and "no LiZA" in p.stderr, "titan of a LoRA-only run is refused", p.stderr)
 
 
+# ---- titan: the shipped PyTorch math runs our C export and reproduces our logits
+SRC = os.environ.get("TPTT_SOURCE_DIR", os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(SRC, "export", "titan"))
+import torch  # noqa: E402
+import tptt_titan_math as ttm  # noqa: E402
+
+torch.set_num_threads(1)
+presets = ["delta_rule", "gated_delta_rule", "delta_rule_v", "delta_rule_kv", "delta_rule_gelu", "delta_product",
+           "gated_delta_product", "delta_product_r", "delta_product_c"]
+variants = [(p_, {}) for p_ in presets] + [
+    ("delta_product", {"mag__mode": "constant", "mag__mu0": 1.0}),                        # pure linear
+    ("gated_delta_product", {"mag__mode": "gradual", "mag__mu0": 0.2, "mag__mu1": 0.9, "mag__steps": 4,
+                             "mag__cross_gate": True, "liza__base_scale_attn": True}),
+]
+mbase = base("titan_mistral_base", "mistral", ("--sliding-window", "6"))
+for i, (preset, over) in enumerate(variants):
+    label = "titan %s%s" % (preset, " " + ",".join("%s=%s" % kv for kv in over.items()) if over else "")
+    b = mbase if i % 3 == 2 else lb
+    ov = {"liza__preset": preset, "liza__chunk_size": 4, "mag__mode": "learnable", "mag__learnable_shape": "scalar"}
+    ov.update(over)
+    rd = train("titan_run_%d" % i, b, **ov)
+    out = os.path.join(work, "titan_%d" % i)
+    p = run(["export", rd, "--out", out, "--format", "titan", "--dtype", "f32", "--shard-size", "40KB"], label)
+    if not kit.succeeds(p, label + ": export"):
+        continue
+    ids, lg = gen(["--checkpoint", rd], label + ": generate")
+    if ids is None:
+        continue
+    model = ttm.load_dir(out, dtype=torch.float64)
+    seq = torch.tensor([int(x) for x in prompt.split(",")] + ids[:-1])
+    full, _ = model.forward(seq)
+    ref = full[len(prompt.split(",")) - 1:].numpy()
+    err = float(np.max(np.abs(ref - lg)) / np.max(np.abs(ref)))
+    check(err < 1e-5, label + ": the shipped math on our export = our logits", err)
+    # its cached generation equals its full forward
+    cache = None
+    steps = []
+    pre, _ = None, None
+    head = seq[:7]
+    lgc, cache = model.forward(head, cache=cache)
+    steps.append(lgc[-1])
+    for t in range(7, len(seq)):
+        lgc, cache = model.forward(seq[t:t + 1], cache=cache)
+        steps.append(lgc[-1])
+    cached = torch.stack(steps).numpy()
+    e2 = float(np.max(np.abs(cached - full[6:].numpy())) / np.max(np.abs(full.numpy())))
+    check(e2 < 1e-9, label + ": the shipped math's cache = its full forward", e2)
+
 # ---- bad input
 def bad(args, want, what, code=1):
     p = run(args, what)
