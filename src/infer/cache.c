@@ -11,7 +11,7 @@
 
 typedef struct layer_cache {
     int soft;             /* keeps a KV cache */
-    float *K, *V;         /* [cap, kvd] */
+    float *K, *V;         /* [Hkv][cap][d], head-major */
     int32_t *kpos;        /* [cap] */
     int64_t cap, count;   /* allocated entries, valid entries */
     float *S;             /* [Hkv, d, d] LiZA states, or NULL */
@@ -32,20 +32,32 @@ struct tp_infer_cache {
     size_t scratch_bytes;
 };
 
-static int grow_kv(tp_infer_cache *c, layer_cache *lc, int64_t need, tp_err *err) {
+/* K, V are head-major [Hkv][cap][d]: a new capacity moves each head's
+ * block. exact: reserve exactly `need` entries; else grow by doubling. */
+static int grow_kv(tp_infer_cache *c, layer_cache *lc, int64_t need, int exact, tp_err *err) {
     if (need <= lc->cap) return TP_OK;
     int64_t cap = lc->cap ? lc->cap : 256;
     while (cap < need) cap *= 2;
+    if (exact) cap = need;
     if (c->window > 0 && cap > c->window) cap = c->window;
-    float *K = realloc(lc->K, (size_t)(cap * c->kvd) * sizeof(float));
-    if (K) lc->K = K;
-    float *V = K ? realloc(lc->V, (size_t)(cap * c->kvd) * sizeof(float)) : NULL;
-    if (V) lc->V = V;
-    int32_t *P = V ? realloc(lc->kpos, (size_t)cap * sizeof(int32_t)) : NULL;
+    size_t per = (size_t)(cap * c->d);
+    float *K = malloc(per * (size_t)c->Hkv * sizeof(float)), *V = malloc(per * (size_t)c->Hkv * sizeof(float));
+    int32_t *P = realloc(lc->kpos, (size_t)cap * sizeof(int32_t));
     if (P) lc->kpos = P;
-    if (!P)
+    if (!K || !V || !P) {
+        free(K);
+        free(V);
         return tp_fail(err, TP_ENOMEM, "out of memory for the KV cache (%lld tokens, %.1f MiB per layer)",
                        (long long)cap, (double)cap * (double)c->kvd * 8 / 1048576.0);
+    }
+    for (int64_t h = 0; lc->K && h < c->Hkv; h++) { /* the valid entries of each head */
+        memcpy(K + h * cap * c->d, lc->K + h * lc->cap * c->d, (size_t)(lc->count * c->d) * sizeof(float));
+        memcpy(V + h * cap * c->d, lc->V + h * lc->cap * c->d, (size_t)(lc->count * c->d) * sizeof(float));
+    }
+    free(lc->K);
+    free(lc->V);
+    lc->K = K;
+    lc->V = V;
     lc->cap = cap;
     return TP_OK;
 }
@@ -54,17 +66,19 @@ static int op_softmax(void *ctx, int l, const float *q, const float *k, const fl
                       tp_err *err) {
     tp_infer_cache *c = ctx;
     layer_cache *lc = &c->layers[l];
-    int64_t p0 = c->blk_pos0;
-    tp_attn_kv kv = {lc->K, lc->V, lc->kpos, lc->count};
-    int rc = tp_attn_fwd_cached(c->H, c->Hkv, c->d, c->window, q, n, p0, &kv, k, v, o, err);
+    int64_t p0 = c->blk_pos0, d = c->d;
+    tp_attn_kv kv = {lc->K, lc->V, lc->kpos, lc->count, lc->cap * d};
+    int rc = tp_attn_fwd_cached(c->H, c->Hkv, d, c->window, q, n, p0, &kv, k, v, o, err);
     if (rc) return rc;
     /* append; a ring keeps the last W positions */
     int64_t keep0 = c->window > 0 && n > c->window ? n - c->window : 0;
-    if ((rc = grow_kv(c, lc, c->window > 0 ? (p0 + n < c->window ? p0 + n : c->window) : p0 + n, err))) return rc;
+    if ((rc = grow_kv(c, lc, c->window > 0 ? (p0 + n < c->window ? p0 + n : c->window) : p0 + n, 0, err))) return rc;
     for (int64_t t = keep0; t < n; t++) {
         int64_t slot = c->window > 0 ? (p0 + t) % c->window : p0 + t;
-        memcpy(lc->K + slot * c->kvd, k + t * c->kvd, (size_t)c->kvd * sizeof(float));
-        memcpy(lc->V + slot * c->kvd, v + t * c->kvd, (size_t)c->kvd * sizeof(float));
+        for (int64_t h = 0; h < c->Hkv; h++) {
+            memcpy(lc->K + (h * lc->cap + slot) * d, k + t * c->kvd + h * d, (size_t)d * sizeof(float));
+            memcpy(lc->V + (h * lc->cap + slot) * d, v + t * c->kvd + h * d, (size_t)d * sizeof(float));
+        }
         lc->kpos[slot] = (int32_t)(p0 + t);
     }
     lc->count = c->window > 0 && p0 + n > c->window ? c->window : p0 + n;
@@ -188,7 +202,7 @@ int tp_cache_reserve(tp_infer_cache *c, int64_t n, tp_err *err) {
     for (int64_t l = 0; l < c->L; l++) {
         layer_cache *lc = &c->layers[l];
         if (!lc->soft) continue;
-        int rc = grow_kv(c, lc, c->window > 0 && n > c->window ? c->window : n, err);
+        int rc = grow_kv(c, lc, c->window > 0 && n > c->window ? c->window : n, 1, err);
         if (rc) return rc;
     }
     return TP_OK;
@@ -224,7 +238,7 @@ int tp_cache_feed(tp_infer_cache *c, const int32_t *ids, int64_t n, float *all_l
         c->blk_pos0 = c->pos;
         for (int64_t l = 0; l < c->L; l++)
             if (c->layers[l].soft && c->window <= 0) {
-                int rc = grow_kv(c, &c->layers[l], c->pos + nb, err);
+                int rc = grow_kv(c, &c->layers[l], c->pos + nb, 0, err);
                 if (rc) return rc;
             }
         int rc = tp_decoder_forward_cached(c->m, ids + off, nb, c->pos, &cache_ops, c, from, out, err);

@@ -6,7 +6,8 @@
  * What a cache owns, per layer (H query heads, Hkv kv heads, head dim d):
  *   softmax branch, only for layers that compute it (tp_decoder_layer_softmax;
  *   a pure-linear layer, μ = 1 without cross gate or base_scale_attn, has none):
- *     K, V   [cap, Hkv*d] fp32: keys after RoPE, values; kpos [cap] their positions.
+ *     K, V   [Hkv][cap][d] fp32 (head-major, so decode streams each head's keys):
+ *            keys after RoPE, values; kpos [cap] their positions.
  *            Without a sliding window cap grows with the context (or is reserved);
  *            with window W it is a ring of W entries (position p in slot p % W)
  *            that never grows past the window.

@@ -127,6 +127,22 @@ int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const flo
 
 /* ---- inference over a KV cache ------------------------------------------- */
 
+/* Softmax of one row of scores in place over the visible columns (the
+ * others set to 0): exp once per score, the sum in double. */
+static void softmax_row(float *p, int64_t kw, const unsigned char *vis) {
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < kw; c++)
+        if ((!vis || vis[c]) && p[c] > mx) mx = p[c];
+    double sum = 0;
+    for (int64_t c = 0; c < kw; c++) {
+        float e = !vis || vis[c] ? expf(p[c] - mx) : 0.0f;
+        p[c] = e;
+        sum += e;
+    }
+    float inv = (float)(1.0 / sum);
+    for (int64_t c = 0; c < kw; c++) p[c] *= inv;
+}
+
 int tp_attn_fwd_cached(int64_t H, int64_t Hkv, int64_t d, int64_t window, const float *q, int64_t n, int64_t qpos0,
                        const tp_attn_kv *cache, const float *kn, const float *vn, float *o, tp_err *err) {
     int64_t g = H / Hkv, ldq = H * d, ldk = Hkv * d, mc = cache->mc, nblk = (n + BQ - 1) / BQ;
@@ -134,40 +150,54 @@ int tp_attn_fwd_cached(int64_t H, int64_t Hkv, int64_t d, int64_t window, const 
     int fail = 0;
 #pragma omp parallel reduction(| : fail)
     {
-        /* scores of one head's query block: cached keys, then the block's keys */
+        /* scores of one query block (all heads of the group): cached keys, then the block's keys */
         int64_t bq = n < BQ ? n : BQ;
-        float *P = malloc((size_t)bq * (size_t)(mc + n) * sizeof(float));
-        if (!P) fail = 1;
+        float *P = malloc((size_t)(g * bq) * (size_t)(mc + n) * sizeof(float));
+        unsigned char *vis = malloc((size_t)(mc + n));
+        if (!P || !vis) fail = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < Hkv * nblk; task++) {
-            if (!P) continue;
+            if (!P || !vis) continue;
             int64_t kvh = task / nblk, blk = task % nblk;
             int64_t i0 = blk * BQ, i1 = i0 + BQ < n ? i0 + BQ : n, nq = i1 - i0, kw = mc + i1;
-            for (int64_t h = kvh * g; h < (kvh + 1) * g; h++) { /* the group's heads reuse K, V in cache */
+            const float *Kc = cache->kc + kvh * cache->hstride, *Vc = cache->vc + kvh * cache->hstride;
+            const float *Kn = kn + kvh * d, *Vn = vn + kvh * d;
+            if (nq == 1) {
+                /* decode: stream the cached keys and values once for the whole group
+                 * (plain loops: sgemm with one row per head re-packs K and V per call) */
+                const float *qg = q + i0 * ldq + kvh * g * d;
+                int64_t qp = qpos0 + i0;
+                tp_sgemm(0, 1, g, mc, d, scale, qg, d, Kc, d, 0.0f, P, kw);
+                tp_sgemm(0, 1, g, i1, d, scale, qg, d, Kn, ldk, 0.0f, P + mc, kw);
+                for (int64_t c = 0; c < kw; c++) {
+                    int64_t kp = c < mc ? cache->kpos[c] : qpos0 + (c - mc);
+                    vis[c] = kp <= qp && (window <= 0 || qp - window < kp);
+                }
+                for (int64_t r = 0; r < g; r++) softmax_row(P + r * kw, kw, vis);
+                float *og = o + i0 * ldq + kvh * g * d;
+                tp_sgemm(0, 0, g, d, mc, 1.0f, P, kw, Vc, d, 0.0f, og, d);
+                tp_sgemm(0, 0, g, d, i1, 1.0f, P + mc, kw, Vn, ldk, mc > 0 ? 1.0f : 0.0f, og, d);
+                continue;
+            }
+            for (int64_t h = kvh * g; h < (kvh + 1) * g; h++) {
                 const float *qb = q + i0 * ldq + h * d;
-                tp_sgemm(0, 1, nq, mc, d, scale, qb, ldq, cache->kc + kvh * d, ldk, 0.0f, P, kw);
-                tp_sgemm(0, 1, nq, i1, d, scale, qb, ldq, kn + kvh * d, ldk, 0.0f, P + mc, kw);
+                tp_sgemm(0, 1, nq, mc, d, scale, qb, ldq, Kc, d, 0.0f, P, kw);
+                tp_sgemm(0, 1, nq, i1, d, scale, qb, ldq, Kn, ldk, 0.0f, P + mc, kw);
                 for (int64_t r = 0; r < nq; r++) {
-                    int64_t i = i0 + r, qp = qpos0 + i;
-                    float *p = P + r * kw, mx = -INFINITY;
+                    int64_t qp = qpos0 + i0 + r;
                     for (int64_t c = 0; c < kw; c++) {
                         int64_t kp = c < mc ? cache->kpos[c] : qpos0 + (c - mc);
-                        int vis = kp <= qp && (window <= 0 || qp - window < kp);
-                        if (!vis) p[c] = -INFINITY;
-                        else if (p[c] > mx) mx = p[c];
+                        vis[c] = kp <= qp && (window <= 0 || qp - window < kp);
                     }
-                    double sum = 0;
-                    for (int64_t c = 0; c < kw; c++)
-                        if (p[c] != -INFINITY) sum += exp((double)(p[c] - mx));
-                    float l = (float)(mx + log(sum));
-                    for (int64_t c = 0; c < kw; c++) p[c] = p[c] == -INFINITY ? 0.0f : expf(p[c] - l);
+                    softmax_row(P + r * kw, kw, vis);
                 }
                 float *ob = o + i0 * ldq + h * d;
-                tp_sgemm(0, 0, nq, d, mc, 1.0f, P, kw, cache->vc + kvh * d, ldk, 0.0f, ob, ldq);
-                tp_sgemm(0, 0, nq, d, i1, 1.0f, P + mc, kw, vn + kvh * d, ldk, mc > 0 ? 1.0f : 0.0f, ob, ldq);
+                tp_sgemm(0, 0, nq, d, mc, 1.0f, P, kw, Vc, d, 0.0f, ob, ldq);
+                tp_sgemm(0, 0, nq, d, i1, 1.0f, P + mc, kw, Vn, ldk, mc > 0 ? 1.0f : 0.0f, ob, ldq);
             }
         }
         free(P);
+        free(vis);
     }
     if (fail) return tp_fail(err, TP_ENOMEM, "attention: out of memory for %lld cached keys", (long long)mc);
     return TP_OK;

@@ -36,7 +36,9 @@ int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const flo
  * one document attend over cached keys and over this block's own keys
  * (causally). Cached keys need not be in order (a sliding-window ring):
  *   q  [n, H*d] (after RoPE)          kn, vn [n, Hkv*d]  this block's keys/values
- *   kc, vc [mc, Hkv*d] cached keys/values, kpos [mc] their positions (< qpos0)
+ *   kc, vc: kv head h's cached keys/values at kc + h*hstride, [mc, d] row-major
+ *           (head-major, so decode streams each head's keys contiguously);
+ *   kpos [mc] their positions (< qpos0)
  *   o  [n, H*d]
  * Key at position p is visible to a query at position i iff p <= i and
  * (window == 0 or i - window < p); stale ring entries are simply masked.
@@ -45,7 +47,8 @@ int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const flo
 typedef struct tp_attn_kv {
     const float *kc, *vc;
     const int32_t *kpos;
-    int64_t mc;
+    int64_t mc;      /* cached keys */
+    int64_t hstride; /* floats from one kv head's keys to the next's */
 } tp_attn_kv;
 int tp_attn_fwd_cached(int64_t H, int64_t Hkv, int64_t d, int64_t window, const float *q, int64_t n, int64_t qpos0,
                        const tp_attn_kv *cache, const float *kn, const float *vn, float *o, tp_err *err);
