@@ -433,7 +433,7 @@ int tp_cmd_dump(int argc, char **argv) {
     size_t nparams = m ? tp_decoder_nparams(m) : 0;
     /* what really ran: bf16 only if some frozen product went through oneDNN */
     tp_mm_backend used = TP_MM_F32;
-    if (s.o.matmul == TP_MM_BF16 && hf)
+    if (tp_mm_backend_effective(s.o.matmul) == TP_MM_BF16 && hf)
         for (size_t i = 0; i < hf->nweights; i++)
             if (hf->views[i]->dtype == TP_BF16 && hf->desc[i].ndim == 2) used = TP_MM_BF16;
     if (rc == TP_OK) {
