@@ -18,6 +18,7 @@ int tp_cmd_plot(int argc, char **argv);
 int tp_cmd_generate(int argc, char **argv);
 int tp_cmd_eval(int argc, char **argv);
 int tp_cmd_export(int argc, char **argv);
+int tp_cmd_adapter(int argc, char **argv);
 
 /* Arguments of the config-driven commands (train, prepare-data):
  * "CONFIG.yaml [--set key=value]... [--resume R]" (--resume only when

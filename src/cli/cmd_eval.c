@@ -186,7 +186,7 @@ static int cmd_perplexity(int argc, char **argv) {
     tp_ppl_result res = {0};
     if (rc == TP_OK) {
         if (d.rank == 0) fprintf(stderr, "tptt: eval perplexity: %s\n", ti->desc);
-        tp_ppl_opts po = {seq, stride, micro, max_rows};
+        tp_ppl_opts po = {seq, stride, micro, max_rows, 0, 0};
         rc = tp_eval_perplexity(ti->dec, shard, &po, &d, &res, &err);
     }
     if (rc == TP_OK && res.tokens == 0)

@@ -27,6 +27,7 @@ static void usage(FILE *fp) {
             "  generate     run a trained Titan (or a base model) on prompts: text out, recurrent LiZA cache\n"
             "  eval         perplexity and MMLU of a trained Titan or a base model\n"
             "  export       a checkpoint as a merged HF model, a PEFT adapter or a Titan directory\n"
+            "  adapter      LoRA surgery with ScaLAPACK: resize an adapter to rank R, convert a PiSSA adapter\n"
             "  version      print the version and the numeric libraries in use\n"
             "\n"
             "Run 'tptt <command> --help' for a command's options. Documentation: docs/.\n");
@@ -112,6 +113,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return tp_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return tp_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "export")) return tp_cmd_export(argc - 1, argv + 1);
+    if (!strcmp(cmd, "adapter")) return tp_cmd_adapter(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         char buf[512];
         tp_platform_describe(buf, sizeof buf);

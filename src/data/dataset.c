@@ -53,11 +53,29 @@ struct tp_dataset {
     int drop, pad;
     /* row r starts in document row_doc[r] (a kept one), row_skip[r] tokens in */
     uint64_t *row_doc, *row_skip;
+    /* held-out split: documents whose hash falls below split_threshold are
+     * the held-out side */
+    int split_side;            /* -1: no split; TP_SPLIT_TRAIN or TP_SPLIT_HELDOUT */
+    uint64_t split_seed, split_threshold;
 };
+
+static uint64_t split_mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+int tp_dataset_doc_heldout(uint64_t seed, double share, uint64_t doc) {
+    uint64_t thr = share >= 1 ? UINT64_MAX : (uint64_t)(share * 18446744073709551616.0);
+    return split_mix(seed ^ split_mix(doc + 0x5851f42d4c957f2dULL)) < thr;
+}
 
 static int doc_kept(const tp_dataset *d, uint64_t i) {
     uint64_t len = d->sh.offsets[i + 1] - d->sh.offsets[i];
-    return len > 0 && !(d->drop && len > (uint64_t)d->seq_len);
+    if (len == 0 || (d->drop && len > (uint64_t)d->seq_len)) return 0;
+    if (d->split_side < 0) return 1;
+    int held = split_mix(d->split_seed ^ split_mix(i + 0x5851f42d4c957f2dULL)) < d->split_threshold;
+    return held == (d->split_side == TP_SPLIT_HELDOUT);
 }
 
 /* Check the mapped image s->map (s->size bytes); fills the section pointers
@@ -179,6 +197,10 @@ static int build_rows(tp_dataset *d, tp_err *err) {
         if (d->sh.n_tokens == 0)
             return tp_fail(err, TP_EINVAL, "%s: the shard holds no tokens (%llu documents, all empty)", d->path,
                            (unsigned long long)d->sh.n_docs);
+        if (d->split_side >= 0)
+            return tp_fail(err, TP_EINVAL, "%s: the %s side of the held-out split (eval.split) has no documents "
+                           "(%llu in the shard)", d->path, d->split_side == TP_SPLIT_HELDOUT ? "held-out" : "training",
+                           (unsigned long long)d->sh.n_docs);
         return tp_fail(err, TP_EINVAL,
                        "%s: no rows to train on: all %llu non-empty documents are longer than seq_len %lld and "
                        "long_docs=drop drops them",
@@ -211,7 +233,14 @@ static int build_rows(tp_dataset *d, tp_err *err) {
 }
 
 int tp_dataset_open(const char *path, int64_t seq_len, int flags, tp_dataset **out, tp_err *err) {
+    return tp_dataset_open_split(path, seq_len, flags, 0.0, 0, TP_SPLIT_TRAIN, out, err);
+}
+
+int tp_dataset_open_split(const char *path, int64_t seq_len, int flags, double share, uint64_t seed, int side,
+                          tp_dataset **out, tp_err *err) {
     *out = NULL;
+    if (!(share >= 0 && share < 1))
+        return tp_fail(err, TP_EINVAL, "%s: held-out share %g is outside [0, 1)", path, share);
     if (seq_len < 1 || seq_len > MAX_SEQ_LEN)
         return tp_fail(err, TP_EINVAL, "%s: seq_len %lld is out of range (1 .. 2^30)", path, (long long)seq_len);
     if (flags & ~(TP_DATA_DROP_LONG | TP_DATA_PAD))
@@ -219,6 +248,9 @@ int tp_dataset_open(const char *path, int64_t seq_len, int flags, tp_dataset **o
     tp_dataset *d = tp_calloc(1, sizeof *d, err);
     if (!d) return TP_ENOMEM;
     d->seq_len = seq_len;
+    d->split_side = share > 0 ? side : -1;
+    d->split_seed = seed;
+    d->split_threshold = (uint64_t)(share * 18446744073709551616.0);
     d->drop = (flags & TP_DATA_DROP_LONG) != 0;
     d->pad = (flags & TP_DATA_PAD) != 0;
     int rc = (d->path = tp_strdup(path, err)) ? TP_OK : TP_ENOMEM;

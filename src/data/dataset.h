@@ -57,6 +57,17 @@ enum {
 /* Open a token shard (mmap) and build the row index for seq_len; flags:
  * TP_DATA_* (0: pack, split long documents). */
 int tp_dataset_open(const char *path, int64_t seq_len, int flags, tp_dataset **out, tp_err *err);
+/* The same over one side of a deterministic held-out split: document i is
+ * held out when a hash of (seed, i) falls in the lowest `share` of the
+ * hash range (share in [0, 1); 0 = no split, everything on the training
+ * side). Which documents are held out depends only on (seed, share, i), not
+ * on seq_len, packing or the number of ranks, and the two sides never share
+ * a document. */
+enum { TP_SPLIT_TRAIN = 0, TP_SPLIT_HELDOUT = 1 };
+int tp_dataset_open_split(const char *path, int64_t seq_len, int flags, double share, uint64_t seed, int side,
+                          tp_dataset **out, tp_err *err);
+/* Whether document doc is on the held-out side (tests, reports). */
+int tp_dataset_doc_heldout(uint64_t seed, double share, uint64_t doc);
 void tp_dataset_close(tp_dataset *d);
 int64_t tp_dataset_rows(const tp_dataset *d);
 int64_t tp_dataset_seq_len(const tp_dataset *d);

@@ -47,7 +47,8 @@ static void window_row(rows_buf *rb, const uint32_t *doc, const uint8_t *mask, i
 int tp_eval_perplexity(tp_decoder *m, const char *shard, const tp_ppl_opts *o, const tp_dist *d, tp_ppl_result *r,
                        tp_err *err) {
     memset(r, 0, sizeof *r);
-    if (o->seq_len < 2 || o->micro < 1 || o->stride < 0 || o->stride > o->seq_len || o->max_rows < 0)
+    if (o->seq_len < 2 || o->micro < 1 || o->stride < 0 || o->stride > o->seq_len || o->max_rows < 0 ||
+        (o->split > 0 && o->stride > 0))
         return tp_fail(err, TP_EINVAL, "perplexity: bad options (seq_len %lld, stride %lld, micro %lld)",
                        (long long)o->seq_len, (long long)o->stride, (long long)o->micro);
     tp_shard s;
@@ -72,7 +73,8 @@ int tp_eval_perplexity(tp_decoder *m, const char *shard, const tp_ppl_opts *o, c
     tp_dataset *ds = NULL;
     int64_t idx = 0; /* global row / window index */
     if (rc == TP_OK && o->stride == 0) {
-        rc = tp_dataset_open(shard, o->seq_len, 0, &ds, err);
+        rc = o->split > 0 ? tp_dataset_open_split(shard, o->seq_len, 0, o->split, o->split_seed, TP_SPLIT_HELDOUT, &ds, err)
+                          : tp_dataset_open(shard, o->seq_len, 0, &ds, err);
         int64_t rows = rc ? 0 : tp_dataset_rows(ds);
         if (o->max_rows && rows > o->max_rows) rows = o->max_rows;
         for (idx = d->rank; rc == TP_OK && idx < rows; idx += d->world) {

@@ -25,6 +25,8 @@ typedef struct tp_ppl_opts {
     int64_t stride;   /* 0: packed rows; else sliding windows, 1 <= stride <= seq_len */
     int64_t micro;    /* rows per forward, >= 1 */
     int64_t max_rows; /* 0: all */
+    double split;     /* packed rows only: > 0 evaluates the held-out side of this split */
+    uint64_t split_seed;
 } tp_ppl_opts;
 
 typedef struct tp_ppl_result {

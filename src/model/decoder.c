@@ -44,7 +44,7 @@ static void dropout_mask(const tp_decoder *m, int l, int j, const float *x, floa
 }
 
 static const float *lora_input(tp_decoder *m, int l, int j, const float *x, int64_t n, int64_t in) {
-    if (m->o.lora.dropout <= 0) return x;
+    if (m->o.lora.dropout <= 0 || m->eval_mode) return x;
     dropout_mask(m, l, j, x, m->xdrop, n, in);
     return m->xdrop;
 }
@@ -118,6 +118,8 @@ double tp_decoder_mu(const tp_decoder *m, int l) {
 /* The softmax branch is skipped when μ = 1 exactly, with no cross gate and
  * no base_scale_attn (the pure-linear model). */
 int tp_decoder_layer_softmax(const tp_decoder *m, int l) { return need_softmax(m, l); }
+
+void tp_decoder_set_eval(tp_decoder *m, int eval) { m->eval_mode = eval != 0; }
 
 static int need_softmax(const tp_decoder *m, int l) {
     if (!m->o.liza.enabled) return 1;
@@ -364,7 +366,8 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
             return tp_fail(err, TP_EINVAL, "batch: label %d at row %lld, position %lld is outside [0, %lld) and not -100",
                            b->labels[t], (long long)(t / b->T), (long long)(t % b->T), (long long)V);
     }
-    if (backward && m->o.inference) return tp_fail(err, TP_EINVAL, "internal: backward on an inference decoder");
+    if (backward && (m->o.inference || m->eval_mode))
+        return tp_fail(err, TP_EINVAL, "internal: backward on an inference decoder or in evaluation mode");
     int rc = tp_decoder_ensure_acts(m, N, b->T, err);
     if (rc) return rc;
     m->cur = b;

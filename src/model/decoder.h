@@ -175,6 +175,11 @@ const tp_model_config *tp_decoder_config(const tp_decoder *m);
 int tp_decoder_forward_cached(tp_decoder *m, const int32_t *ids, int64_t n, int64_t pos0, const tp_attn_ops *ops,
                               void *ctx, int64_t logits_from, float *logits, tp_err *err);
 
+/* Evaluation mode on a training decoder: forward passes (tp_decoder_step
+ * without backward) use no LoRA dropout; nothing else changes, so a training
+ * step after it is as if no evaluation had run. */
+void tp_decoder_set_eval(tp_decoder *m, int eval);
+
 /* Fill doc_start/pos for a row of T tokens from its sorted document starts
  * (first must be 0). Returns TP_EINVAL with a message on bad starts. */
 int tp_batch_row_positions(const int64_t *starts, size_t nstarts, int64_t T, int32_t *doc_start, int32_t *pos,

@@ -67,6 +67,7 @@ struct tp_decoder {
     tp_grad_hook hook;
     void *hook_ctx;
     const tp_batch *cur; /* the batch of the running step (dropout masks) */
+    int eval_mode;          /* forward for evaluation: no LoRA dropout */
     const tp_attn_ops *ops; /* cached forward: attention provider, else NULL */
     void *ops_ctx;
 };
