@@ -428,6 +428,7 @@ int tp_cmd_dump(int argc, char **argv) {
         if (rc == TP_OK) {
             tp_batch b = {bd.B, bd.T, bd.ids, bd.labels, bd.doc_start, bd.pos, NULL};
             rc = tp_decoder_step(m, &b, (double)cnt, 1, logits, &loss_sum, &count, &err);
+            if (rc) tp_err_prefix(&err, "%s", batch);
         }
     }
     size_t nparams = m ? tp_decoder_nparams(m) : 0;

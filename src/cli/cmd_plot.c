@@ -1,13 +1,90 @@
 /* cmd_plot.c - `tptt plot metrics.jsonl -o loss.png`: loss and learning rate
- * against the step, drawn by gnuplot (Debian package gnuplot-nox). */
+ * against the step, drawn by gnuplot (Debian package gnuplot-nox).
+ *
+ * No user string ever becomes gnuplot code: gnuplot is started without a
+ * shell (posix_spawnp), its script comes from a pipe and holds only fixed text,
+ * numbers we formatted, and a title reduced to a safe character set; the data
+ * go inline as a datablock; the PNG goes to gnuplot's stdout, which is a file
+ * we opened ourselves (a temporary name next to OUT, renamed into place). */
 #include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
 #include "util/fsutil.h"
+
+extern char **environ;
+
+/* Title text: the file name with every character outside a safe set
+ * replaced by '?', so it cannot end the quoted gnuplot string. */
+static void safe_title(char *dst, size_t n, const char *src) {
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)src; *p && k + 1 < n; p++) {
+        int ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                 strchr("._-/+:, =", *p);
+        dst[k++] = ok ? (char)*p : '?';
+    }
+    dst[k] = 0;
+}
+
+/* Run gnuplot with script on its stdin, stdout into out_fd, stderr into
+ * err_fd. Returns its exit status (-1: could not start or killed). */
+static int run_gnuplot(const char *script, size_t len, int out_fd, int err_fd) {
+    int in[2];
+    if (pipe(in) != 0) return -1;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+    posix_spawn_file_actions_adddup2(&fa, err_fd, 2);
+    posix_spawn_file_actions_addclose(&fa, in[1]);
+    char *argv[] = {"gnuplot", NULL};
+    pid_t pid;
+    int rc = posix_spawnp(&pid, "gnuplot", &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    close(in[0]);
+    if (rc != 0) {
+        close(in[1]);
+        return -1;
+    }
+    void (*old)(int) = signal(SIGPIPE, SIG_IGN);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(in[1], script + off, len - off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) break;
+        off += (size_t)w;
+    }
+    close(in[1]);
+    signal(SIGPIPE, old);
+    int st;
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR) return -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* First line of what gnuplot wrote to stderr (for the error message). */
+static void first_line(FILE *f, char *buf, size_t n) {
+    buf[0] = 0;
+    rewind(f);
+    while (fgets(buf, (int)n, f)) {
+        buf[strcspn(buf, "\r\n")] = 0;
+        char *s = buf;
+        while (*s == ' ' || *s == '\t' || *s == '^') s++;
+        if (*s) {
+            memmove(buf, s, strlen(s) + 1);
+            return;
+        }
+    }
+    buf[0] = 0;
+}
 
 int tp_cmd_plot(int argc, char **argv) {
     const char *in = NULL, *out = NULL;
@@ -30,56 +107,90 @@ int tp_cmd_plot(int argc, char **argv) {
     char *text;
     size_t len;
     if (tp_read_file(in, 1u << 30, &text, &len, &err)) return tp_cli_error(err.msg);
-    char data[] = "/tmp/tptt-plot-XXXXXX";
-    int fd = mkstemp(data);
-    FILE *df = fd >= 0 ? fdopen(fd, "w") : NULL;
-    if (!df) {
-        free(text);
-        return tp_cli_error("plot: cannot create a temporary data file");
-    }
-    int lineno = 0, points = 0;
-    char *save = NULL;
-    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    char title[256];
+    safe_title(title, sizeof title, in);
+    tp_strbuf s;
+    tp_strbuf_init(&s);
+    tp_strbuf_printf(&s,
+                     "set terminal png size 1000,600 noenhanced\nset output\nset title 'tptt: %s'\n"
+                     "set xlabel 'step'\nset ylabel 'loss'\nset y2label 'learning rate'\nset ytics nomirror\n"
+                     "set y2tics\nset grid\nset key top right\n$tptt << EOD\n",
+                     title);
+    int lineno = 0, points = 0, skipped = 0;
+    for (char *line = text, *next; line && *line; line = next) {
+        char *nl = strchr(line, '\n');
+        int last = !nl;
+        if (nl) *nl = 0;
+        next = nl ? nl + 1 : NULL;
         lineno++;
+        if (!line[strspn(line, " \t\r")]) continue;
         cJSON *j = cJSON_Parse(line);
         const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "step"), *lo = cJSON_GetObjectItemCaseSensitive(j, "loss"),
                     *lr = cJSON_GetObjectItemCaseSensitive(j, "lr");
-        if (!cJSON_IsNumber(st) || !cJSON_IsNumber(lo) || !cJSON_IsNumber(lr)) {
+        if (!j && last) {
+            /* an append cut short (full disk, killed writer): not an error */
+            fprintf(stderr, "tptt: note: %s:%d: truncated last line skipped\n", in, lineno);
+            break;
+        }
+        if (cJSON_IsObject(j) && cJSON_IsNumber(st) && cJSON_IsNull(lo) && cJSON_IsNumber(lr)) {
+            skipped++; /* a skipped step: no loss to draw */
+            cJSON_Delete(j);
+            continue;
+        }
+        if (!cJSON_IsObject(j) || !cJSON_IsNumber(st) || !cJSON_IsNumber(lo) || !cJSON_IsNumber(lr)) {
             fprintf(stderr, "tptt: %s:%d: expected a JSON object with numeric step, loss and lr\n", in, lineno);
             cJSON_Delete(j);
-            fclose(df);
-            unlink(data);
+            tp_strbuf_free(&s);
             free(text);
             return 1;
         }
-        fprintf(df, "%.17g %.9g %.9g\n", st->valuedouble, lo->valuedouble, lr->valuedouble);
+        tp_strbuf_printf(&s, "%.17g %.9g %.9g\n", st->valuedouble, lo->valuedouble, lr->valuedouble);
         points++;
         cJSON_Delete(j);
     }
-    fclose(df);
     free(text);
+    tp_strbuf_puts(&s, "EOD\nplot $tptt using 1:2 with lines lw 2 title 'loss' axes x1y1, "
+                       "$tptt using 1:3 with lines dt 2 title 'lr' axes x1y2\n");
+    if (s.oom) {
+        tp_strbuf_free(&s);
+        return tp_cli_error("plot: out of memory");
+    }
     if (!points) {
-        unlink(data);
-        fprintf(stderr, "tptt: %s: no metrics records\n", in);
+        tp_strbuf_free(&s);
+        fprintf(stderr, "tptt: %s: no metrics records with a loss\n", in);
         return 1;
     }
-    FILE *gp = popen("gnuplot 2>&1", "w");
-    if (!gp) {
-        unlink(data);
-        return tp_cli_error("plot: cannot run gnuplot (apt-get install gnuplot-nox)");
-    }
-    fprintf(gp,
-            "set terminal png size 1000,600\nset output '%s'\nset title 'tptt: %s'\nset xlabel 'step'\n"
-            "set ylabel 'loss'\nset y2label 'learning rate'\nset ytics nomirror\nset y2tics\nset grid\n"
-            "set key top right\n"
-            "plot '%s' using 1:2 with lines lw 2 title 'loss' axes x1y1, '' using 1:3 with lines dt 2 title 'lr' axes x1y2\n",
-            out, in, data);
-    int st = pclose(gp);
-    unlink(data);
-    if (st != 0 || tp_file_size(out) <= 0) {
-        fprintf(stderr, "tptt: plot: gnuplot failed (is gnuplot installed? apt-get install gnuplot-nox)\n");
+    char *tmp = tp_tmp_name(out, &err);
+    int fd = tmp ? open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666) : -1;
+    FILE *ef = tmpfile();
+    if (fd < 0 || !ef) {
+        fprintf(stderr, "tptt: %s: cannot create: %s\n", tmp ? tmp : out, strerror(errno));
+        if (fd >= 0) { close(fd); unlink(tmp); }
+        if (ef) fclose(ef);
+        free(tmp);
+        tp_strbuf_free(&s);
         return 1;
     }
-    printf("wrote %s (%d points)\n", out, points);
+    int st = run_gnuplot(s.buf, s.len, fd, fileno(ef));
+    tp_strbuf_free(&s);
+    int closed = close(fd);
+    char msg[512];
+    first_line(ef, msg, sizeof msg);
+    fclose(ef);
+    if (st != 0 || closed != 0 || tp_file_size(tmp) <= 0) {
+        unlink(tmp);
+        free(tmp);
+        if (st < 0) fprintf(stderr, "tptt: plot: cannot run gnuplot (apt-get install gnuplot-nox)\n");
+        else fprintf(stderr, "tptt: plot: gnuplot failed writing %s%s%s\n", out, msg[0] ? ": " : "", msg);
+        return 1;
+    }
+    if (rename(tmp, out) != 0) {
+        fprintf(stderr, "tptt: %s: cannot rename %s into place: %s\n", out, tmp, strerror(errno));
+        unlink(tmp);
+        free(tmp);
+        return 1;
+    }
+    free(tmp);
+    printf("wrote %s (%d points%s)\n", out, points, skipped ? ", skipped steps left out" : "");
     return 0;
 }

@@ -358,10 +358,13 @@ int tp_decoder_step(tp_decoder *m, const tp_batch *b, double normalizer, int bac
                     double *loss_sum, int64_t *count, tp_err *err) {
     const tp_model_config *c = &m->cfg;
     int64_t N = b->B * b->T, D = c->hidden, V = c->vocab, L = c->layers;
-    for (int64_t t = 0; t < N; t++) {
+    /* every input id first: a bad id also makes the label before it bad, and
+     * the id is the one to name */
+    for (int64_t t = 0; t < N; t++)
         if (b->ids[t] < 0 || b->ids[t] >= V)
             return tp_fail(err, TP_EINVAL, "batch: token id %d at row %lld, position %lld is outside [0, %lld)",
                            b->ids[t], (long long)(t / b->T), (long long)(t % b->T), (long long)V);
+    for (int64_t t = 0; t < N; t++) {
         if (b->labels[t] != -100 && (b->labels[t] < 0 || b->labels[t] >= V))
             return tp_fail(err, TP_EINVAL, "batch: label %d at row %lld, position %lld is outside [0, %lld) and not -100",
                            b->labels[t], (long long)(t / b->T), (long long)(t % b->T), (long long)V);

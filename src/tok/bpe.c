@@ -379,7 +379,7 @@ static void cache_put(tp_bpe *b, const char *s, size_t n, uint64_t h, const int3
     size_t i = h & (CACHE_SLOTS - 1);
     while (b->cache[i].hash) i = (i + 1) & (CACHE_SLOTS - 1);
     memcpy(b->ckeys + b->ckeys_len, s, n);
-    memcpy(b->cids + b->cids_len, ids, nids * sizeof *ids);
+    if (nids) memcpy(b->cids + b->cids_len, ids, nids * sizeof *ids); /* ids may be NULL when nothing was produced */
     b->cache[i] = (cache_slot){h, (uint32_t)b->ckeys_len, (uint32_t)n, (uint32_t)b->cids_len, (uint32_t)nids};
     b->ckeys_len += n;
     b->cids_len += nids;

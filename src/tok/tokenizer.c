@@ -463,6 +463,7 @@ static int load_normalizer(loader *L, const cJSON *o, const char *where) {
     if (t->nnorm == MAX_STEPS) return bad(L, where, "too many normalizers");
     norm_step *s = &t->norm[t->nnorm];
     memset(s, 0, sizeof *s);
+    t->nnorm++; /* counted before anything is allocated, so the free path sees it on every error */
     if (ty && !strcmp(ty, "Prepend")) {
         const cJSON *p = cJSON_GetObjectItemCaseSensitive(o, "prepend");
         if (!cJSON_IsString(p)) return bad(L, where, "Prepend: expected a \"prepend\" string");
@@ -486,7 +487,6 @@ static int load_normalizer(loader *L, const cJSON *o, const char *where) {
     } else {
         return unsupported(L, where, ty);
     }
-    t->nnorm++;
     return TP_OK;
 }
 
@@ -548,6 +548,7 @@ static int load_decoder(loader *L, const cJSON *o, const char *where) {
     if (t->ndec == MAX_STEPS) return bad(L, where, "too many decoders");
     dec_step *s = &t->dec[t->ndec];
     memset(s, 0, sizeof *s);
+    t->ndec++; /* counted before anything is allocated, so the free path sees it on every error */
     if (ty && !strcmp(ty, "Replace")) {
         const char *pat;
         int lit;
@@ -580,7 +581,6 @@ static int load_decoder(loader *L, const cJSON *o, const char *where) {
     } else {
         return unsupported(L, where, ty);
     }
-    t->ndec++;
     return TP_OK;
 }
 
@@ -594,6 +594,9 @@ static int model_bytes(tp_tokenizer *t, const char *s, tp_strbuf *tmp) {
     }
     return byte_level_unmap(t->c2b, s, strlen(s), tmp);
 }
+
+/* Largest id + 1 accepted for n entries: dense ids with room for gaps. */
+#define ID_SLACK(n) (2 * (int64_t)(n) + 1024)
 
 static int keep_vstr(loader *L, int32_t id, const char *s, tp_strbuf *arena) {
     tp_tokenizer *t = L->t;
@@ -631,6 +634,14 @@ static int load_model(loader *L, const cJSON *m) {
         if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 2e9 || e->valuedouble != (int32_t)e->valuedouble)
             return bad(L, "model.vocab", "expected non-negative integer ids");
         if ((int32_t)e->valuedouble > maxid) maxid = (int32_t)e->valuedouble;
+    }
+    /* tables are indexed by id: a sparse id far beyond the number of entries
+     * would make every rank allocate for ids that do not exist */
+    if ((int64_t)maxid >= ID_SLACK(nvocab)) {
+        char why[160];
+        snprintf(why, sizeof why, "token id %ld with only %zu entries (ids must be below %lld)", (long)maxid, nvocab,
+                 (long long)ID_SLACK(nvocab));
+        return bad(L, "model.vocab", why);
     }
     t->nv = maxid + 1;
     t->voff = calloc((size_t)t->nv + 1, sizeof *t->voff);
@@ -732,6 +743,13 @@ static int load_added(loader *L, const cJSON *arr) {
         added_tok *a = &t->added[t->nadded++];
         if (!(a->content = dup_str(L, c->valuestring, &a->len))) return TP_ENOMEM;
         a->id = (int32_t)id->valuedouble;
+        if (a->id != id->valuedouble || (int64_t)a->id >= ID_SLACK((size_t)t->nv + (size_t)cJSON_GetArraySize(arr))) {
+            char why[160];
+            snprintf(why, sizeof why, "id %.0f is not an integer below %lld (vocabulary of %ld plus %d added tokens)",
+                     id->valuedouble, (long long)ID_SLACK((size_t)t->nv + (size_t)cJSON_GetArraySize(arr)), (long)t->nv,
+                     cJSON_GetArraySize(arr));
+            return bad(L, w, why);
+        }
         a->special = get_bool(e, "special", 0);
         a->lstrip = get_bool(e, "lstrip", 0);
         a->rstrip = get_bool(e, "rstrip", 0);
@@ -758,8 +776,13 @@ int32_t tp_tokenizer_token_id(const tp_tokenizer *t, const char *token) {
 /* bos_token / eos_token: "str", {"content": "str"} or null. */
 static int special_of(loader *L, const cJSON *cfg, const char *key, const char *cfgfile, int32_t *id) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, key);
-    if (cJSON_IsObject(v)) v = cJSON_GetObjectItemCaseSensitive(v, "content");
     *id = -1;
+    if (cJSON_IsObject(v)) {
+        v = cJSON_GetObjectItemCaseSensitive(v, "content");
+        if (!cJSON_IsString(v))
+            return tp_fail(L->err, TP_EFORMAT, "%s: %s: expected {\"content\": string, ...}, the \"content\" is %s",
+                           cfgfile, key, v ? "not a string" : "missing");
+    }
     if (!v || cJSON_IsNull(v)) return TP_OK;
     if (!cJSON_IsString(v)) return tp_fail(L->err, TP_EFORMAT, "%s: %s: expected a string, {\"content\": ...} or null", cfgfile, key);
     *id = tp_tokenizer_token_id(L->t, v->valuestring);
@@ -798,7 +821,7 @@ static int load_config(loader *L, const char *cfgpath, const cJSON *pp, XXH64_st
     template_specials(L, pp, &tb, &te);
     t->bos = tb, t->eos = te;
     t->add_bos = tb >= 0, t->add_eos = te >= 0;
-    if (!tp_exists(cfgpath)) return TP_OK;
+    if (!cfgpath || !tp_exists(cfgpath)) return TP_OK;
     char *txt;
     size_t len;
     int rc = tp_read_file(cfgpath, 64u << 20, &txt, &len, L->err);
@@ -816,6 +839,9 @@ static int load_config(loader *L, const char *cfgpath, const cJSON *pp, XXH64_st
         if (eos >= 0) t->eos = eos;
         const cJSON *ab = cJSON_GetObjectItemCaseSensitive(cfg, "add_bos_token"),
                     *ae = cJSON_GetObjectItemCaseSensitive(cfg, "add_eos_token");
+        if ((ab && !cJSON_IsBool(ab) && !cJSON_IsNull(ab)) || (ae && !cJSON_IsBool(ae) && !cJSON_IsNull(ae)))
+            rc = tp_fail(L->err, TP_EFORMAT, "%s: %s: expected true, false or null", cfgpath,
+                         ab && !cJSON_IsBool(ab) && !cJSON_IsNull(ab) ? "add_bos_token" : "add_eos_token");
         if (cJSON_IsBool(ab)) t->add_bos = cJSON_IsTrue(ab);
         if (cJSON_IsBool(ae)) t->add_eos = cJSON_IsTrue(ae);
         if (t->add_bos && t->bos < 0) t->add_bos = 0;
@@ -825,10 +851,43 @@ static int load_config(loader *L, const char *cfgpath, const cJSON *pp, XXH64_st
     return rc;
 }
 
-int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) {
+/* 0 if s[0..n) is valid UTF-8 (no overlong forms, surrogates or code points
+ * above U+10FFFF), else 1 + the offset of the first bad byte. */
+static size_t bad_utf8(const char *s, size_t n) {
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = p[i];
+        if (c < 0x80) { i++; continue; }
+        size_t k = c >= 0xC2 && c <= 0xDF ? 1 : c >= 0xE0 && c <= 0xEF ? 2 : c >= 0xF0 && c <= 0xF4 ? 3 : 0;
+        if (!k || i + k >= n) return i + 1; /* bad lead byte, or the sequence runs past the end */
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c == 0xE0) lo = 0xA0;
+        else if (c == 0xED) hi = 0x9F;
+        else if (c == 0xF0) lo = 0x90;
+        else if (c == 0xF4) hi = 0x8F;
+        if (p[i + 1] < lo || p[i + 1] > hi) return i + 1;
+        for (size_t j = 2; j <= k; j++)
+            if (p[i + j] < 0x80 || p[i + j] > 0xBF) return i + 1;
+        i += k + 1;
+    }
+    return 0;
+}
+
+static int load_impl(const char *dir, const char *mem, size_t mem_len, tp_tokenizer **out, tp_err *err);
+
+int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) { return load_impl(dir, NULL, 0, out, err); }
+
+int tp_tokenizer_load_json(const char *label, const char *json, size_t len, tp_tokenizer **out, tp_err *err) {
+    return load_impl(label, json ? json : "", len, out, err);
+}
+
+/* mem != NULL: the tokenizer.json text itself (dir is its label; no
+ * tokenizer_config.json is read). */
+static int load_impl(const char *dir, const char *mem, size_t mem_len, tp_tokenizer **out, tp_err *err) {
     *out = NULL;
     size_t dl = strlen(dir);
-    int is_file = dl >= 5 && !strcmp(dir + dl - 5, ".json");
+    int is_file = mem || (dl >= 5 && !strcmp(dir + dl - 5, ".json"));
     char *jpath = is_file ? tp_strdup(dir, err) : tp_path_join(dir, "tokenizer.json", err);
     char *base = is_file ? tp_dirname(dir, err) : tp_strdup(dir, err);
     char *cpath = base ? tp_path_join(base, "tokenizer_config.json", err) : NULL;
@@ -844,13 +903,22 @@ int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) {
         t->bos = t->eos = -1;
         byte_level_map(t->b2c, t->c2b);
         tp_strbuf_init(&t->clean), tp_strbuf_init(&t->seg), tp_strbuf_init(&t->piece);
-        if (!tp_exists(t->path))
+        if (!mem && !tp_exists(t->path))
             rc = tp_fail(err, TP_EIO, "%s: no such file (the tokenizer directory must hold a Hugging Face tokenizer.json)",
                          t->path);
     }
-    if (!rc) rc = tp_read_file(t->path, TOKENIZER_JSON_LIMIT, &txt, &len, err);
+    if (!rc && mem) {
+        if (!(txt = tp_malloc(mem_len + 1, err))) rc = TP_ENOMEM;
+        else memcpy(txt, mem, mem_len), txt[mem_len] = 0, len = mem_len;
+    } else if (!rc) {
+        rc = tp_read_file(t->path, TOKENIZER_JSON_LIMIT, &txt, &len, err);
+    }
     XXH64_state_t h;
     XXH64_reset(&h, 0);
+    size_t badu = 0;
+    if (!rc && (badu = bad_utf8(txt, len)) != 0)
+        rc = tp_fail(err, TP_EFORMAT, "%s: invalid UTF-8 at byte %zu (tokenizer.json must be UTF-8 JSON)", t->path,
+                     badu - 1);
     if (!rc) {
         XXH64_update(&h, txt, len);
         arena_begin();
@@ -877,7 +945,7 @@ int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err) {
         if (pp && !cJSON_IsNull(pp) && (!ty || (strcmp(ty, "TemplateProcessing") && strcmp(ty, "ByteLevel") && strcmp(ty, "Sequence"))))
             rc = unsupported(&L, "post_processor", ty);
         else
-            rc = load_config(&L, cpath, pp, &h);
+            rc = load_config(&L, mem ? NULL : cpath, pp, &h);
     }
     if (!rc) {
         t->digest = XXH64_digest(&h);

@@ -51,6 +51,9 @@ int tp_ids_push(tp_ids *v, int32_t id, tp_err *err);
  * may also name a tokenizer.json file directly (then tokenizer_config.json
  * is looked up beside it). */
 int tp_tokenizer_load(const char *dir, tp_tokenizer **out, tp_err *err);
+/* The same from tokenizer.json text in memory (label names it in errors; no
+ * tokenizer_config.json). For the fuzz harness and tests. */
+int tp_tokenizer_load_json(const char *label, const char *json, size_t len, tp_tokenizer **out, tp_err *err);
 void tp_tokenizer_free(tp_tokenizer *t);
 
 enum {

@@ -47,7 +47,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -149,12 +151,11 @@ static int rm_tree(const char *path, tp_err *err) {
 
 /* XXH64 (seed 0) and size of a regular file, read in 1 MiB blocks. */
 static int hash_file(const char *path, uint64_t *size, uint64_t *hash, tp_err *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return tp_fail(err, TP_EIO, "cannot open: %s", strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return tp_fail(err, TP_EIO, "not a regular file");
+    tp_err e2 = {0};
+    int fd = tp_open_regular(path, NULL, &e2);
+    if (fd < 0) { /* e2 names the path; the caller prefixes the file name */
+        const char *colon = strstr(e2.msg, ": ");
+        return tp_fail(err, fd, "%s", colon ? colon + 2 : e2.msg);
     }
     size_t bufsz = 1u << 20;
     unsigned char *buf = malloc(bufsz);
@@ -475,6 +476,30 @@ static int install(const char *ckdir, const char *tmp, const char *final, long l
             return tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", tmp, final, strerror(errno));
         return tp_fsync_dir(ckdir, err);
     }
+    /* an existing directory that does not verify is not ours to delete (a
+     * damaged checkpoint someone may want to inspect or repair): it is kept
+     * under rejected-step-XXXXXXXX-<time> (never scanned, never cleaned) */
+    tp_err ev = {0};
+    if (verify_impl(final, &ev) != TP_OK) {
+        char keep[128];
+        char *kp = NULL;
+        for (int k = 0; k < 1000; k++) {
+            snprintf(keep, sizeof keep, "rejected-step-%08lld-%lld-%d", step, (long long)time(NULL), k);
+            free(kp);
+            if (!(kp = tp_path_join(ckdir, keep, err))) return TP_ENOMEM;
+            struct stat ks;
+            if (lstat(kp, &ks) != 0) break;
+        }
+        int rc = TP_OK;
+        if (rename(final, kp) != 0)
+            rc = tp_fail(err, TP_EIO, "cannot move the damaged %s aside to %s: %s", final, kp, strerror(errno));
+        else
+            fprintf(stderr, "tptt: warning: %s did not verify (%s); kept as %s\n", final, ev.msg, kp);
+        free(kp);
+        if (rc == TP_OK && rename(tmp, final) != 0)
+            rc = tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", tmp, final, strerror(errno));
+        return rc == TP_OK ? tp_fsync_dir(ckdir, err) : rc;
+    }
     /* replace: swap atomically where possible; tmp then holds the old one */
     if (renameat2(AT_FDCWD, tmp, AT_FDCWD, final, RENAME_EXCHANGE) == 0) {
         int rc = tp_fsync_dir(ckdir, err);
@@ -525,8 +550,16 @@ static void cleanup(const char *ckdir, long long step, int keep, tp_strbuf *warn
     if (keep >= 1 && list_steps(ckdir, &steps, &n, &e2) == TP_OK) {
         for (size_t i = 0; i < n; i++) { /* newest first */
             if (steps[i].step > step) continue;
-            if (kept < (size_t)keep) kept++;
-            else tp_strbuf_putn(&doomed, steps[i].name, strlen(steps[i].name) + 1);
+            if (kept < (size_t)keep) {
+                kept++;
+                continue;
+            }
+            /* only a checkpoint that verifies is retired: a damaged one (not
+             * written by this run's lineage as it stands) is left alone */
+            char *sp = tp_path_join(ckdir, steps[i].name, &e2);
+            tp_err ev = {0};
+            if (sp && verify_impl(sp, &ev) == TP_OK) tp_strbuf_putn(&doomed, steps[i].name, strlen(steps[i].name) + 1);
+            free(sp);
         }
     } else if (keep >= 1) {
         tp_strbuf_printf(warn, "; %s", e2.msg);
@@ -804,6 +837,27 @@ int tp_ckpt_load(const char *ckpt_dir, tp_decoder *m, float *adam_m, float *adam
             src[3 * i + 1 + k] = vo;
         }
     }
+    /* values: a NaN/Inf weight or moment, or a negative second moment, would
+     * turn the resumed run into NaN at its first step */
+    for (size_t i = 0; i < np && rc == TP_OK; i++) {
+        const tp_param *p = tp_decoder_param(m, i);
+        for (int k = 0; k < 3 && rc == TP_OK; k++) {
+            const float *x = (const float *)src[3 * i + k]->data;
+            for (size_t e = 0; e < p->numel; e++) {
+                float v;
+                memcpy(&v, x + e, sizeof v);
+                if (isfinite(v) && !(k == 2 && v < 0)) continue;
+                char nm[MOMENT_NAME_MAX];
+                snprintf(nm, sizeof nm, "%s%s", p->name, k == 0 ? "" : k == 1 ? ".exp_avg" : ".exp_avg_sq");
+                const char *f = k ? "optimizer.safetensors"
+                                  : tp_st_find(ad, p->name) ? "adapter_model.safetensors" : "liza_model.safetensors";
+                rc = tp_fail(err, TP_EFORMAT, "checkpoint %s: %s: tensor %s element %zu is %s, expected %s", ckpt_dir,
+                             f, nm, e, isnan(v) ? "NaN" : isinf(v) ? (v > 0 ? "+Inf" : "-Inf") : "negative",
+                             k == 2 ? "a finite value >= 0 (second moment)" : "a finite value");
+                break;
+            }
+        }
+    }
     static const char *const plain[] = {""}, *const moments[] = {".exp_avg", ".exp_avg_sq"};
     if (rc == TP_OK && tp_st_count(ad) + tp_st_count(lz) != np) {
         const char *x = extra_tensor(ad, m, plain, 1);
@@ -845,5 +899,55 @@ done:
     tp_st_close(ad);
     tp_st_close(lz);
     tp_st_close(op);
+    return rc;
+}
+
+/* ---- for the trainer's resume decision --------------------------------- */
+
+int tp_ckpt_has_candidates(const char *run_dir) {
+    char *ckdir = tp_path_join(run_dir, CKPT_DIR, NULL);
+    if (!ckdir) return 1; /* be careful: treat as "something is there" */
+    char *lpath = tp_path_join(ckdir, LATEST_NAME, NULL);
+    int any = lpath && tp_exists(lpath);
+    free(lpath);
+    entry *steps = NULL;
+    size_t n = 0;
+    if (!any && tp_exists(ckdir)) {
+        tp_err e2 = {0};
+        if (list_steps(ckdir, &steps, &n, &e2) != TP_OK) any = 1;
+        else any = n > 0;
+        free(steps);
+    }
+    free(ckdir);
+    return any;
+}
+
+int tp_ckpt_set_aside(const char *run_dir, char *moved_to, size_t n, tp_err *err) {
+    if (n) moved_to[0] = 0;
+    char *ckdir = tp_path_join(run_dir, CKPT_DIR, err);
+    if (!ckdir) return TP_ENOMEM;
+    char stamp[32];
+    time_t t = time(NULL);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
+    int rc = TP_EIO;
+    for (int k = 0; k < 1000; k++) {
+        char name[96];
+        if (k) snprintf(name, sizeof name, CKPT_DIR ".before-%s-%d", stamp, k);
+        else snprintf(name, sizeof name, CKPT_DIR ".before-%s", stamp);
+        char *dst = tp_path_join(run_dir, name, err);
+        if (!dst) { rc = TP_ENOMEM; break; }
+        if (tp_exists(dst)) { free(dst); continue; }
+        if (rename(ckdir, dst) != 0) {
+            rc = tp_fail(err, TP_EIO, "cannot move %s aside to %s: %s", ckdir, dst, strerror(errno));
+        } else {
+            rc = tp_fsync_dir(run_dir, err);
+            snprintf(moved_to, n, "%s", dst);
+        }
+        free(dst);
+        break;
+    }
+    free(ckdir);
     return rc;
 }

@@ -15,7 +15,9 @@
  * Writing: everything goes into checkpoints/.tmp-step-XXXXXXXX-<pid>/, each
  * file fsync'ed, MANIFEST last, the directory renamed into place, the parent
  * fsync'ed, then LATEST replaced by rename; finally checkpoints beyond `keep`
- * are deleted (oldest first). Loading verifies MANIFEST (sizes, checksums);
+ * are deleted (oldest first) when they verify: a damaged one is never
+ * deleted, and one in the way of a new directory of the same step is kept as
+ * checkpoints/rejected-step-XXXXXXXX-<time>. Loading verifies MANIFEST (sizes, checksums);
  * a checkpoint that fails is skipped and the next older complete one used. */
 #ifndef TPTT_TRAIN_CHECKPOINT_H
 #define TPTT_TRAIN_CHECKPOINT_H
@@ -53,5 +55,13 @@ int tp_ckpt_verify(const char *ckpt_dir, tp_err *err);
  * same shape. state_json receives trainer_state.json (caller frees). */
 int tp_ckpt_load(const char *ckpt_dir, tp_decoder *m, float *adam_m, float *adam_v, char **state_json,
                  tp_err *err);
+
+/* 1 if run_dir/checkpoints holds a LATEST file or any step-* directory (a
+ * checkpoint that may be damaged, but is there). */
+int tp_ckpt_has_candidates(const char *run_dir);
+/* Rename run_dir/checkpoints to run_dir/checkpoints.before-<UTC time> (a
+ * fresh run over old checkpoints deletes none of them); moved_to receives the
+ * new path. */
+int tp_ckpt_set_aside(const char *run_dir, char *moved_to, size_t n, tp_err *err);
 
 #endif

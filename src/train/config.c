@@ -231,6 +231,8 @@ typedef struct ctx {
     tp_err *err;
     const char *file;         /* NULL: --set */
     yaml_document_t *doc;
+    const char *text;         /* the YAML source (to see tags that equal the default, e.g. !!str) */
+    size_t text_len;
     size_t key_line[NKEYS];   /* 1-based line where the file set the key, 0: not set */
     size_t sec_line[NSEC];
 } ctx;
@@ -286,7 +288,10 @@ static int check_tag(ctx *x, const char *key, int idx, const yaml_node_t *v) {
     const char *def = v->type == YAML_SCALAR_NODE     ? YAML_DEFAULT_SCALAR_TAG
                       : v->type == YAML_SEQUENCE_NODE ? YAML_DEFAULT_SEQUENCE_TAG
                                                       : YAML_DEFAULT_MAPPING_TAG;
-    if (v->tag && strcmp((const char *)v->tag, def)) {
+    /* libyaml gives an untagged node the default tag, so "!!str x" looks
+     * like "x": the source text at the node tells them apart */
+    int explicit_tag = x->text && v->start_mark.index < x->text_len && x->text[v->start_mark.index] == '!';
+    if (v->tag && (strcmp((const char *)v->tag, def) || explicit_tag)) {
         char q[64];
         quote_text((const char *)v->tag, strlen((const char *)v->tag), q, sizeof q);
         return fail_at(x, v, key, idx, "YAML tags are not supported, found tag '%s'", q);
@@ -899,6 +904,8 @@ int tp_train_cfg_load(const char *path, tp_train_cfg *c, tp_err *err) {
     x->err = err;
     x->file = path;
     x->doc = &doc;
+    x->text = buf;
+    x->text_len = len;
     const yaml_node_t *root = yaml_document_get_root_node(&doc);
     char got[160];
     if (!root) {
@@ -982,7 +989,7 @@ int tp_train_cfg_set(tp_train_cfg *c, const char *kv, tp_err *err) {
         if (rc == TP_ENOMEM) return tp_fail(err, TP_ENOMEM, "--set %s: out of memory", key);
         return tp_fail(err, TP_EINVAL, "--set %s: cannot read the value '%s' as YAML: %s", key, q, tail);
     }
-    ctx x = {.c = c, .err = err, .file = NULL, .doc = &doc};
+    ctx x = {.c = c, .err = err, .file = NULL, .doc = &doc, .text = val, .text_len = strlen(val)};
     const yaml_node_t *root = yaml_document_get_root_node(&doc);
     if (!root) rc = tp_fail(err, TP_EINVAL, "--set %s: empty value", key); /* comment only */
     else rc = apply_key(&x, id, root);

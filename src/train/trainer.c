@@ -1,13 +1,17 @@
 #include "train/trainer.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "data/dataset.h"
 #include "data/textdata.h"
@@ -16,6 +20,7 @@
 #include "train/checkpoint.h"
 #include "train/export.h"
 #include "train/optim.h"
+#include "train/state.h"
 #include "util/fsutil.h"
 #include "util/platform.h"
 
@@ -65,10 +70,16 @@ typedef struct run {
     tp_grad_sync *sync;
     tp_mm_backend used;
     float *adam_m, *adam_v;
+    float *bk_theta, *bk_m, *bk_v; /* state before the update, to roll back a non-finite one */
     int64_t step, tokens_seen;
     int bad_run;
+    int64_t empty_steps, nonfinite_steps; /* this process: steps skipped for either reason */
     char *resume_json;
-    FILE *metrics;
+    char data_digest[48]; /* "xxh3:<16 hex>" of the token shard (rank 0) */
+    int metrics_fd, metrics_warned;
+    char metrics_path[TP_PATH_MAX + 32];
+    char lock_path[TP_PATH_MAX + 32];
+    char *lock_text; /* what we wrote into LOCK (rank 0, while held) */
     int tty;
     double t_start;
     int64_t step_start;
@@ -84,6 +95,7 @@ static char *state_json(const run *R, double lr) {
     cJSON_AddNumberToObject(cur, "global_batch", (double)R->cfg->global_batch);
     cJSON_AddNumberToObject(cur, "rows", (double)tp_dataset_rows(R->data));
     cJSON_AddNumberToObject(cur, "seed", (double)R->cfg->dec.seed);
+    if (R->data_digest[0]) cJSON_AddStringToObject(cur, "digest", R->data_digest);
     cJSON *sch = cJSON_AddObjectToObject(s, "schedule");
     cJSON_AddNumberToObject(sch, "lr_last", lr);
     cJSON_AddNumberToObject(sch, "lr_next", tp_lr_at(&R->cfg->sched, R->step));
@@ -115,9 +127,31 @@ static char *state_json(const run *R, double lr) {
     return out;
 }
 
+/* First non-finite value of theta / m / v, or a negative v: 1 and *where
+ * describes it; 0 when the state is sound. */
+static int bad_state(const run *R, const float *theta, const float *m, const float *v, char *where, size_t n) {
+    for (size_t i = 0; i < tp_decoder_nparams(R->m); i++) {
+        const tp_param *p = tp_decoder_param(R->m, i);
+        for (int k = 0; k < 3; k++) {
+            const float *x = (k == 0 ? theta : k == 1 ? m : v) + p->offset;
+            for (size_t e = 0; e < p->numel; e++) {
+                if (isfinite(x[e]) && !(k == 2 && x[e] < 0)) continue;
+                snprintf(where, n, "%s%s element %zu is %g", p->name, k == 0 ? "" : k == 1 ? ".exp_avg" : ".exp_avg_sq",
+                         e, (double)x[e]);
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 static int save(run *R, double lr, tp_err *err) {
     int rc = TP_OK;
-    if (R->d->rank == 0) {
+    char where[TP_PARAM_NAME_MAX + 96];
+    if (R->d->rank == 0 && bad_state(R, tp_decoder_theta(R->m), R->adam_m, R->adam_v, where, sizeof where))
+        rc = tp_fail(err, TP_EINVAL, "step %lld: refusing to checkpoint non-finite state (%s); the last checkpoint in "
+                     "%s/checkpoints is kept", (long long)R->step, where, R->cfg->run_dir);
+    else if (R->d->rank == 0) {
         char *cfg = tp_run_config_json(R->cfg->model_path, &R->hf->cfg, &R->cfg->dec, R->used, R->step);
         char *ad = tp_adapter_config_json(&R->cfg->dec, R->cfg->model_path);
         char *st = state_json(R, lr);
@@ -139,86 +173,254 @@ static int save(run *R, double lr, tp_err *err) {
     return rc;
 }
 
-/* Keys of resume_config that differ between a checkpoint and this run. */
-static int resume_mismatch(const char *ckpt_state, const char *now_json, char *msg, size_t n) {
-    cJSON *st = cJSON_Parse(ckpt_state), *cur = cJSON_Parse(now_json);
-    const cJSON *old = st ? cJSON_GetObjectItemCaseSensitive(st, "resume_config") : NULL;
-    int bad = 0;
-    size_t k = 0;
-    msg[0] = 0;
-    if (!old || !cur) {
-        bad = 1;
-        snprintf(msg, n, "trainer_state.json has no readable resume_config");
-    } else {
-        for (const cJSON *e = cur->child; e; e = e->next) {
-            const cJSON *o = cJSON_GetObjectItemCaseSensitive(old, e->string);
-            if (o && cJSON_Compare(o, e, 1)) continue;
-            char *a = o ? cJSON_PrintUnformatted(o) : NULL, *b = cJSON_PrintUnformatted(e);
-            k += (size_t)snprintf(msg + k, k < n ? n - k : 0, "%s%s: checkpoint %s, now %s", bad ? "; " : "", e->string,
-                                  a ? a : "(absent)", b ? b : "?");
-            free(a);
-            free(b);
-            bad = 1;
-            if (k >= n) break;
-        }
-    }
-    cJSON_Delete(st);
-    cJSON_Delete(cur);
-    return bad;
+/* ---- the run lock and the start-up probe (rank 0) ------------------------- */
+
+static void lock_describe(const cJSON *j, char *buf, size_t n) {
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "host"), *p = cJSON_GetObjectItemCaseSensitive(j, "pid"),
+                *job = cJSON_GetObjectItemCaseSensitive(j, "slurm_job_id"),
+                *t = cJSON_GetObjectItemCaseSensitive(j, "started");
+    snprintf(buf, n, "pid %lld on host %s%s%s, started %s", cJSON_IsNumber(p) ? (long long)p->valuedouble : -1LL,
+             cJSON_IsString(h) ? h->valuestring : "?",
+             cJSON_IsString(job) && job->valuestring[0] ? ", SLURM job " : "",
+             cJSON_IsString(job) ? job->valuestring : "", cJSON_IsString(t) ? t->valuestring : "?");
 }
 
-static int resume(run *R, const char *mode, tp_err *err) {
-    const tp_train_cfg *c = R->cfg;
-    char dir[TP_PATH_MAX + 64];
-    if (!strcmp(mode, "none")) return TP_OK;
-    if (!strcmp(mode, "auto")) {
-        char ck[TP_PATH_MAX + 32];
-        snprintf(ck, sizeof ck, "%s/checkpoints", c->run_dir);
-        if (!tp_exists(ck)) return TP_OK; /* fresh run */
-        tp_err e2 = {0};
-        if (tp_ckpt_find_latest(c->run_dir, dir, sizeof dir, &e2) != TP_OK) {
-            if (R->d->rank == 0) fprintf(stderr, "tptt: no usable checkpoint, starting fresh (%s)\n", e2.msg);
+/* run.dir/LOCK: created exclusively; holds {"host","pid","slurm_job_id",
+ * "started"}. A lock whose process is gone (same host, no such pid) or that
+ * belongs to this very SLURM job (a requeue) is taken over. */
+static int take_lock(run *R, tp_err *err) {
+    const char *rd = R->cfg->run_dir;
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    const char *job = env_or("SLURM_JOB_ID", "");
+    char started[40];
+    time_t t = time(NULL);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(started, sizeof started, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    cJSON *me = cJSON_CreateObject();
+    cJSON_AddStringToObject(me, "host", host);
+    cJSON_AddNumberToObject(me, "pid", (double)getpid());
+    cJSON_AddStringToObject(me, "slurm_job_id", job);
+    cJSON_AddStringToObject(me, "started", started);
+    char *text = cJSON_PrintUnformatted(me);
+    cJSON_Delete(me);
+    if (!text) return tp_fail(err, TP_ENOMEM, "out of memory");
+    size_t tl = strlen(text);
+    text[tl] = 0;
+    snprintf(R->lock_path, sizeof R->lock_path, "%s/LOCK", rd);
+    int rc = TP_EIO;
+    for (int attempt = 0; attempt < 5; attempt++) {
+        int fd = open(R->lock_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            int ok = write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
+            int e = errno;
+            close(fd);
+            if (!ok) {
+                unlink(R->lock_path);
+                rc = tp_fail(err, TP_EIO, "%s: cannot write the run lock: %s (run.dir must be writable)", R->lock_path,
+                             strerror(e));
+                break;
+            }
+            R->lock_text = text;
             return TP_OK;
         }
+        if (errno != EEXIST) {
+            rc = tp_fail(err, TP_EIO, "%s: cannot create the run lock: %s (run.dir must be writable)", R->lock_path,
+                         strerror(errno));
+            break;
+        }
+        char *held = NULL;
+        tp_err e2 = {0};
+        if (tp_read_file(R->lock_path, 4096, &held, NULL, &e2) != TP_OK) {
+            if (!tp_exists(R->lock_path)) continue; /* released meanwhile */
+            rc = tp_fail(err, TP_EIO, "%s: run lock unreadable (%s); delete it if no run uses %s", R->lock_path, e2.msg, rd);
+            break;
+        }
+        cJSON *j = cJSON_Parse(held);
+        free(held);
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "host"), *p = cJSON_GetObjectItemCaseSensitive(j, "pid"),
+                    *jb = cJSON_GetObjectItemCaseSensitive(j, "slurm_job_id");
+        if (!cJSON_IsString(h) || !cJSON_IsNumber(p) || p->valuedouble < 1 || p->valuedouble > 4194304.0 ||
+            p->valuedouble != floor(p->valuedouble) || (jb && !cJSON_IsString(jb))) {
+            cJSON_Delete(j);
+            rc = tp_fail(err, TP_EFORMAT,
+                         "%s: run lock unreadable: expected a JSON object with string \"host\" and integer \"pid\"; "
+                         "delete it if no run uses %s",
+                         R->lock_path, rd);
+            break;
+        }
+        pid_t pid = (pid_t)p->valuedouble;
+        int same_host = !strcmp(h->valuestring, host);
+        int stale = same_host && (pid == getpid() || (kill(pid, 0) != 0 && errno == ESRCH));
+        int requeue = jb && jb->valuestring[0] && job[0] && !strcmp(jb->valuestring, job);
+        char who[512];
+        lock_describe(j, who, sizeof who);
+        cJSON_Delete(j);
+        if (!stale && !requeue) {
+            rc = tp_fail(err, TP_EINVAL,
+                         "%s: run.dir is in use by %s; wait for that run to end or use another run.dir (delete LOCK "
+                         "only if that process is gone)",
+                         R->lock_path, who);
+            break;
+        }
+        /* take over: replace atomically, then check that we won a race */
+        if ((rc = tp_write_file_atomic(R->lock_path, text, tl, err)) != TP_OK) break;
+        char *now = NULL;
+        if (tp_read_file(R->lock_path, 4096, &now, NULL, &e2) == TP_OK && !strcmp(now, text)) {
+            free(now);
+            fprintf(stderr, "tptt: note: took over the stale run lock %s of %s (%s)\n", R->lock_path, who,
+                    requeue ? "same SLURM job, requeued" : "that process is gone");
+            R->lock_text = text;
+            return TP_OK;
+        }
+        free(now);
+        rc = TP_EIO;
+    }
+    if (rc == TP_EIO && !err->msg[0]) tp_fail(err, TP_EIO, "%s: could not take the run lock", R->lock_path);
+    free(text);
+    return rc;
+}
+
+static void release_lock(run *R) {
+    if (!R->lock_text) return;
+    char *now = NULL;
+    tp_err e2 = {0};
+    if (tp_read_file(R->lock_path, 4096, &now, NULL, &e2) == TP_OK && !strcmp(now, R->lock_text)) unlink(R->lock_path);
+    free(now);
+    free(R->lock_text);
+    R->lock_text = NULL;
+}
+
+/* run.dir and run.dir/checkpoints must be writable before any work. */
+static int probe_run_dir(run *R, tp_err *err) {
+    const char *rd = R->cfg->run_dir;
+    tp_err e2 = {0};
+    if (tp_mkdir_p(rd, &e2) != TP_OK) return tp_fail(err, TP_EIO, "run.dir: %s", e2.msg);
+    char ck[TP_PATH_MAX + 32], probe[TP_PATH_MAX + 64];
+    snprintf(ck, sizeof ck, "%s/checkpoints", rd);
+    struct stat st;
+    if (lstat(ck, &st) == 0 && !S_ISDIR(st.st_mode) && !(S_ISLNK(st.st_mode) && stat(ck, &st) == 0 && S_ISDIR(st.st_mode)))
+        return tp_fail(err, TP_EIO, "%s: exists and is not a directory (run.dir/checkpoints must be a directory)", ck);
+    if (tp_mkdir_p(ck, &e2) != TP_OK) return tp_fail(err, TP_EIO, "run.dir checkpoints: %s", e2.msg);
+    snprintf(probe, sizeof probe, "%s/.probe-%ld", ck, (long)getpid());
+    int fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int ok = fd >= 0 && write(fd, "x", 1) == 1 && fsync(fd) == 0;
+    int e = errno;
+    if (fd >= 0) close(fd);
+    unlink(probe);
+    if (!ok)
+        return tp_fail(err, TP_EIO, "%s: cannot write a checkpoint there: %s (run.dir must be writable)", ck, strerror(e));
+    return TP_OK;
+}
+
+/* ---- resume: rank 0 decides, every rank loads the same checkpoint ---------- */
+
+static int64_t epoch_of(const void *ctx, int64_t step) { return tp_sampler_epoch((const tp_sampler *)ctx, step); }
+
+/* Validate trainer_state.json of dir against the directory name, the run
+ * config and the data set (train/state.h). */
+static int check_state(run *R, const char *dir, const char *text, tp_state_info *out, tp_err *err) {
+    tp_state_expect ex = {.dir = dir,
+                          .global_batch = R->cfg->global_batch,
+                          .seq_len = R->cfg->data.seq_len,
+                          .total_steps = R->cfg->sched.total_steps,
+                          .rows = tp_dataset_rows(R->data),
+                          .seed = R->cfg->dec.seed,
+                          .epoch_of = epoch_of,
+                          .epoch_ctx = R->sampler,
+                          .data_digest = R->data_digest,
+                          .resume_json = R->resume_json};
+    return tp_train_state_check(text, &ex, out, err);
+}
+
+/* Rank 0: which checkpoint to load ("" = start fresh) and its counters, as
+ * "<step> <tokens> <bad steps> <dir>" in *plan. */
+static int decide_resume(run *R, const char *mode, char **plan, tp_err *err) {
+    const tp_train_cfg *c = R->cfg;
+    char dir[TP_PATH_MAX + 64] = "";
+    *plan = NULL;
+    if (!strcmp(mode, "none")) {
+        if (tp_ckpt_has_candidates(c->run_dir)) {
+            char moved[TP_PATH_MAX + 96];
+            int rc = tp_ckpt_set_aside(c->run_dir, moved, sizeof moved, err);
+            if (rc) return rc;
+            fprintf(stderr, "tptt: --resume none: the earlier checkpoints were moved to %s (nothing deleted)\n", moved);
+            char m1[TP_PATH_MAX + 32], m2[TP_PATH_MAX + 160];
+            snprintf(m1, sizeof m1, "%s/metrics.jsonl", c->run_dir);
+            const char *tail = strrchr(moved, '.');
+            snprintf(m2, sizeof m2, "%s/metrics.jsonl%s", c->run_dir, tail ? tail : ".before");
+            if (tp_exists(m1) && rename(m1, m2) == 0)
+                fprintf(stderr, "tptt: --resume none: the earlier metrics.jsonl was moved to %s\n", m2);
+        }
+        *plan = tp_strdup("0 0 0 0 ", err);
+        return *plan ? TP_OK : TP_ENOMEM;
+    }
+    if (!strcmp(mode, "auto")) {
+        if (!tp_ckpt_has_candidates(c->run_dir)) {
+            *plan = tp_strdup("0 0 0 0 ", err);
+            return *plan ? TP_OK : TP_ENOMEM;
+        }
+        tp_err e2 = {0};
+        if (tp_ckpt_find_latest(c->run_dir, dir, sizeof dir, &e2) != TP_OK)
+            return tp_fail(err, TP_EINVAL,
+                           "%s/checkpoints: refusing to start over checkpoints that cannot be resumed (pass --resume "
+                           "none to start fresh; they are kept) - %s",
+                           c->run_dir, e2.msg);
+        if (e2.msg[0]) fprintf(stderr, "tptt: warning: %s\n", e2.msg);
     } else {
         snprintf(dir, sizeof dir, "%s", mode);
+        int rc = tp_ckpt_verify(dir, err);
+        if (rc) return rc;
     }
-    /* compare the configurations before touching tensors: a changed LoRA
-     * rank should read as such, not as a shape mismatch */
     char *st = NULL, *path = tp_path_join(dir, "trainer_state.json", err);
     int rc = path ? tp_read_file(path, 64u << 20, &st, NULL, err) : TP_ENOMEM;
     free(path);
     if (rc) return rc;
-    char why[900];
-    if (resume_mismatch(st, R->resume_json, why, sizeof why)) {
-        rc = tp_fail(err, TP_EINVAL, "%s: cannot resume, the run changed: %s (start a new run.dir or pass --resume none)",
-                     dir, why);
-        free(st);
+    tp_state_info si;
+    rc = check_state(R, dir, st, &si, err);
+    free(st);
+    if (rc) return rc;
+    int64_t step = si.step, tokens = si.tokens_seen, bad = si.consecutive_bad_steps, ws = si.world_size;
+    size_t n = strlen(dir) + 96;
+    *plan = tp_malloc(n, err);
+    if (!*plan) return TP_ENOMEM;
+    snprintf(*plan, n, "%lld %lld %lld %lld %s", (long long)step, (long long)tokens, (long long)bad, (long long)ws, dir);
+    return TP_OK;
+}
+
+/* Collective: rank 0 decides, every rank loads what it decided. */
+static int resume(run *R, const char *mode, tp_err *err) {
+    char *plan = NULL;
+    int rc = R->d->rank == 0 ? decide_resume(R, mode, &plan, err) : TP_OK;
+    if ((rc = tp_dist_agree(R->d, rc, err)) != TP_OK) {
+        free(plan);
         return rc;
     }
-    free(st);
-    st = NULL;
-    rc = tp_ckpt_load(dir, R->m, R->adam_m, R->adam_v, &st, err);
-    if (rc) return rc;
-    cJSON *j = cJSON_Parse(st);
-    free(st);
-    const cJSON *step = j ? cJSON_GetObjectItemCaseSensitive(j, "step") : NULL;
-    const cJSON *tok = j ? cJSON_GetObjectItemCaseSensitive(j, "tokens_seen") : NULL;
-    const cJSON *bad = j ? cJSON_GetObjectItemCaseSensitive(j, "consecutive_bad_steps") : NULL;
-    const cJSON *ws = j ? cJSON_GetObjectItemCaseSensitive(j, "world_size") : NULL;
-    if (!cJSON_IsNumber(step)) {
-        cJSON_Delete(j);
-        return tp_fail(err, TP_EFORMAT, "%s/trainer_state.json: missing \"step\"", dir);
+    if (R->d->world > 1 && (rc = tp_dist_bcast_string(&plan, err)) != TP_OK) {
+        free(plan);
+        return rc;
     }
-    R->step = (int64_t)step->valuedouble;
-    R->tokens_seen = cJSON_IsNumber(tok) ? (int64_t)tok->valuedouble : 0;
-    R->bad_run = cJSON_IsNumber(bad) ? (int)bad->valuedouble : 0;
-    if (R->d->rank == 0)
-        fprintf(stderr, "tptt: resuming from %s (step %lld%s)\n", dir, (long long)R->step,
-                cJSON_IsNumber(ws) && (int)ws->valuedouble != R->d->world ? ", different world size: results continue "
-                                                                              "within fp32 tolerance" : "");
-    cJSON_Delete(j);
-    return TP_OK;
+    long long step = 0, tokens = 0, bad = 0, ws = 0;
+    int off = 0;
+    if (!plan || sscanf(plan, "%lld %lld %lld %lld %n", &step, &tokens, &bad, &ws, &off) < 4) {
+        free(plan);
+        return tp_fail(err, TP_EIO, "resume: no decision from rank 0");
+    }
+    const char *dir = plan + off;
+    if (*dir) {
+        rc = tp_ckpt_load(dir, R->m, R->adam_m, R->adam_v, NULL, err);
+        if (rc == TP_OK) {
+            R->step = step;
+            R->tokens_seen = tokens;
+            R->bad_run = (int)bad;
+            if (R->d->rank == 0)
+                fprintf(stderr, "tptt: resuming from %s (step %lld%s)\n", dir, step,
+                        ws && ws != R->d->world ? ", different world size: results continue within fp32 tolerance" : "");
+        }
+    }
+    free(plan);
+    return rc;
 }
 
 /* JSON has no NaN/Inf: non-finite values are written as null */
@@ -226,6 +428,59 @@ static const char *jnum(char *buf, size_t n, double x) {
     if (isfinite(x)) snprintf(buf, n, "%.9g", x);
     else snprintf(buf, n, "null");
     return buf;
+}
+
+enum { STEP_APPLIED = 0, STEP_NONFINITE = 1, STEP_NONFINITE_UPDATE = 2, STEP_NO_LABELS = 3 };
+
+static const char *skip_reason(int skipped) {
+    return skipped == STEP_NONFINITE ? "non-finite loss or gradients"
+           : skipped == STEP_NONFINITE_UPDATE ? "non-finite update"
+           : skipped == STEP_NO_LABELS ? "no labelled tokens" : "";
+}
+
+/* metrics.jsonl: opened once (rank 0); a failed open or write is reported
+ * once on stderr, and a partly written line is cut off again so the file
+ * stays one JSON object per line. */
+static void metrics_open(run *R) {
+    snprintf(R->metrics_path, sizeof R->metrics_path, "%s/metrics.jsonl", R->cfg->run_dir);
+    R->metrics_fd = open(R->metrics_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0644);
+    struct stat st;
+    if (R->metrics_fd >= 0 && (fstat(R->metrics_fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISCHR(st.st_mode)))) {
+        close(R->metrics_fd);
+        R->metrics_fd = -1;
+        errno = EISDIR;
+    }
+    if (R->metrics_fd < 0) {
+        fprintf(stderr, "tptt: warning: %s: cannot open (%s); metrics are not logged in this run\n", R->metrics_path,
+                strerror(errno));
+        R->metrics_warned = 1;
+    }
+}
+
+static void metrics_write(run *R, const char *line, size_t n) {
+    if (R->metrics_fd < 0) return;
+    struct stat st;
+    off_t before = fstat(R->metrics_fd, &st) == 0 ? st.st_size : -1;
+    size_t off = 0;
+    int e = 0;
+    while (off < n) {
+        ssize_t w = write(R->metrics_fd, line + off, n - off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            e = w < 0 ? errno : ENOSPC;
+            break;
+        }
+        off += (size_t)w;
+    }
+    if (off == n) return;
+    if (off > 0 && before >= 0 && S_ISREG(st.st_mode)) {
+        if (ftruncate(R->metrics_fd, before) != 0) { /* reader skips a truncated last line */ }
+    }
+    if (!R->metrics_warned)
+        fprintf(stderr, "tptt: warning: %s: write failed at step %lld (%s); this and later failed lines are lost, the "
+                        "file stays parseable\n",
+                R->metrics_path, (long long)R->step, strerror(e));
+    R->metrics_warned = 1;
 }
 
 static void log_step(run *R, double loss, double lr, double gnorm, int skipped, double step_time, int64_t step_tokens) {
@@ -241,21 +496,30 @@ static void log_step(run *R, double loss, double lr, double gnorm, int skipped, 
     hms(e2, sizeof e2, eta);
     int last = R->step == c->sched.total_steps;
     if (R->step % c->log_every == 0 || last || skipped) {
-        fprintf(stdout, "%sstep %lld/%lld | loss %.4f | lr %.3e | mu %.3f | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s%s%s",
+        fprintf(stdout, "%sstep %lld/%lld | loss %.4f | lr %.3e | mu %.3f | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s%s%s%s%s",
                 R->tty ? "\r\033[K" : "", (long long)R->step, (long long)c->sched.total_steps, loss, lr, mu, gnorm, tps,
-                e1, e2, skipped ? " | SKIPPED (non-finite)" : "", R->tty && !last ? "" : "\n");
+                e1, e2, skipped ? " | SKIPPED (" : "", skip_reason(skipped), skipped ? ")" : "",
+                R->tty && !last ? "" : "\n");
         fflush(stdout);
-        if (R->metrics) {
-            char j1[40], j2[40];
-            fprintf(R->metrics,
-                    "{\"step\":%lld,\"loss\":%s,\"lr\":%.9g,\"mu\":%.9g,\"grad_norm\":%s,\"tokens\":%lld,"
-                    "\"tokens_per_s\":%.6g,\"elapsed_s\":%.6g,\"skipped\":%s,\"world_size\":%d,"
-                    "\"slurm_job_id\":\"%s\",\"slurm_restart_count\":\"%s\",\"slurm_nodelist\":\"%s\"}\n",
-                    (long long)R->step, jnum(j1, sizeof j1, loss), lr, mu, jnum(j2, sizeof j2, gnorm),
-                    (long long)R->tokens_seen, tps, el,
-                    skipped ? "true" : "false", R->d->world, env_or("SLURM_JOB_ID", ""),
-                    env_or("SLURM_RESTART_COUNT", "0"), env_or("SLURM_JOB_NODELIST", ""));
-            fflush(R->metrics);
+        if (R->metrics_fd >= 0) {
+            char j1[40], j2[40], j3[40];
+            tp_strbuf b;
+            tp_strbuf_init(&b);
+            tp_strbuf_printf(&b,
+                             "{\"step\":%lld,\"loss\":%s,\"lr\":%s,\"mu\":%.9g,\"grad_norm\":%s,\"tokens\":%lld,"
+                             "\"tokens_per_s\":%.6g,\"elapsed_s\":%.6g,\"skipped\":%s,",
+                             (long long)R->step, jnum(j1, sizeof j1, loss), jnum(j3, sizeof j3, lr), mu,
+                             jnum(j2, sizeof j2, gnorm), (long long)R->tokens_seen, tps, el, skipped ? "true" : "false");
+            if (skipped) tp_strbuf_printf(&b, "\"skip_reason\":\"%s\",", skip_reason(skipped));
+            tp_strbuf_printf(&b, "\"world_size\":%d,\"slurm_job_id\":", R->d->world);
+            tp_strbuf_json_string(&b, env_or("SLURM_JOB_ID", ""));
+            tp_strbuf_puts(&b, ",\"slurm_restart_count\":");
+            tp_strbuf_json_string(&b, env_or("SLURM_RESTART_COUNT", "0"));
+            tp_strbuf_puts(&b, ",\"slurm_nodelist\":");
+            tp_strbuf_json_string(&b, env_or("SLURM_JOB_NODELIST", ""));
+            tp_strbuf_puts(&b, "}\n");
+            if (!b.oom) metrics_write(R, b.buf, b.len);
+            tp_strbuf_free(&b);
         }
     }
 }
@@ -293,6 +557,32 @@ static int setup_tokenizer(run *R, tp_tokenizer **tok, tp_err *err) {
     return TP_OK;
 }
 
+/* XXH3-64 of the token shard (rank 0): a checkpoint records it, and a
+ * resume over a data file with other contents is refused. */
+static int data_digest(run *R, const char *shard, tp_err *err) {
+    int fd = tp_open_regular(shard, NULL, err);
+    if (fd < 0) return fd;
+    XXH3_state_t *xs = XXH3_createState();
+    size_t bufsz = (size_t)4 << 20;
+    unsigned char *buf = malloc(bufsz);
+    int rc = TP_OK;
+    if (!xs || !buf) rc = tp_fail(err, TP_ENOMEM, "out of memory");
+    else XXH3_64bits_reset(xs);
+    for (; rc == TP_OK;) {
+        ssize_t got = read(fd, buf, bufsz);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) rc = tp_fail(err, TP_EIO, "%s: read failed: %s", shard, strerror(errno));
+        if (got <= 0) break;
+        XXH3_64bits_update(xs, buf, (size_t)got);
+    }
+    if (rc == TP_OK)
+        snprintf(R->data_digest, sizeof R->data_digest, "xxh3:%016llx", (unsigned long long)XXH3_64bits_digest(xs));
+    if (xs) XXH3_freeState(xs);
+    free(buf);
+    close(fd);
+    return rc;
+}
+
 /* After the (collective) data preparation: rows, sampler, buffers. */
 static int setup_data(run *R, const char *shard, tp_err *err) {
     const tp_train_cfg *c = R->cfg;
@@ -310,14 +600,22 @@ static int setup_data(run *R, const char *shard, tp_err *err) {
     size_t n = tp_decoder_numel(R->m);
     R->adam_m = tp_calloc(n ? n : 1, sizeof(float), err);
     R->adam_v = tp_calloc(n ? n : 1, sizeof(float), err);
+    R->bk_theta = tp_calloc(n ? n : 1, sizeof(float), err);
+    R->bk_m = tp_calloc(n ? n : 1, sizeof(float), err);
+    R->bk_v = tp_calloc(n ? n : 1, sizeof(float), err);
     R->resume_json = tp_train_cfg_resume_json(c);
-    if (!R->adam_m || !R->adam_v || !R->resume_json) return TP_ENOMEM;
+    if (!R->adam_m || !R->adam_v || !R->bk_theta || !R->bk_m || !R->bk_v || !R->resume_json) return TP_ENOMEM;
+    if (R->d->rank == 0) return data_digest(R, shard, err);
     return TP_OK;
 }
 
 static void teardown(run *R) {
-    if (R->metrics) fclose(R->metrics);
+    if (R->metrics_fd >= 0) close(R->metrics_fd);
+    release_lock(R);
     free(R->resume_json);
+    free(R->bk_theta);
+    free(R->bk_m);
+    free(R->bk_v);
     free(R->adam_m);
     free(R->adam_v);
     tp_grad_sync_destroy(R->sync);
@@ -369,17 +667,18 @@ static int train_step(run *R, int32_t *ids, int32_t *lab, int32_t *ds, int32_t *
     *gnorm_out = gnorm;
     *tokens_out = G * T;
     double lr = tp_lr_at(&c->sched, R->step);
-    if (!isfinite(loss) || !isfinite(gnorm) || global_cnt == 0) {
-        *skipped = 1;
-        R->bad_run++;
-        if (R->bad_run > c->max_bad_steps)
-            return tp_fail(err, TP_EINVAL,
-                           "step %lld: %d consecutive steps with non-finite loss or gradients (loss %g, grad norm %g); "
-                           "aborting (faults.max_bad_steps = %d). Lower optimizer.lr or check the data.",
-                           (long long)R->step, R->bad_run, loss, gnorm, c->max_bad_steps);
+    if (global_cnt == 0) {
+        /* nothing to learn from (every label masked): not a fault */
+        *skipped = STEP_NO_LABELS;
+        R->empty_steps++;
+    } else if (!isfinite(loss) || !isfinite(gnorm)) {
+        *skipped = STEP_NONFINITE;
     } else {
-        *skipped = 0;
-        R->bad_run = 0;
+        /* the update is applied to the live state; what it was is kept so that
+         * an update that makes any value non-finite is never committed */
+        memcpy(R->bk_theta, theta, n * sizeof(float));
+        memcpy(R->bk_m, R->adam_m, n * sizeof(float));
+        memcpy(R->bk_v, R->adam_v, n * sizeof(float));
         float coef = tp_clip_coef(gnorm, c->max_grad_norm);
         if (coef != 1.0f) tp_scale(grad, n, coef);
         for (size_t i = 0; i < tp_decoder_nparams(R->m); i++) {
@@ -387,6 +686,30 @@ static int train_step(run *R, int32_t *ids, int32_t *lab, int32_t *ds, int32_t *
             tp_adamw_update(&c->adamw, R->step + 1, lr, p->decay ? c->weight_decay : 0.0, theta + p->offset,
                             grad + p->offset, R->adam_m + p->offset, R->adam_v + p->offset, p->numel);
         }
+        char where[TP_PARAM_NAME_MAX + 96];
+        if (bad_state(R, theta, R->adam_m, R->adam_v, where, sizeof where)) {
+            memcpy(theta, R->bk_theta, n * sizeof(float));
+            memcpy(R->adam_m, R->bk_m, n * sizeof(float));
+            memcpy(R->adam_v, R->bk_v, n * sizeof(float));
+            *skipped = STEP_NONFINITE_UPDATE;
+            if (R->d->rank == 0)
+                fprintf(stderr, "%stptt: step %lld: the update made %s (lr %g); step not applied\n", R->tty ? "\n" : "",
+                        (long long)R->step + 1, where, lr);
+        } else {
+            *skipped = STEP_APPLIED;
+        }
+    }
+    if (*skipped == STEP_NONFINITE || *skipped == STEP_NONFINITE_UPDATE) {
+        R->bad_run++;
+        R->nonfinite_steps++;
+        if (R->bad_run > c->max_bad_steps)
+            return tp_fail(err, TP_EINVAL,
+                           "step %lld: %d consecutive steps with a non-finite loss, gradient or update (last: %s; loss "
+                           "%g, grad norm %g, lr %g); aborting (faults.max_bad_steps = %d), the last checkpoint holds "
+                           "finite state. Lower optimizer.lr or check the data.",
+                           (long long)R->step + 1, R->bad_run, skip_reason(*skipped), loss, gnorm, lr, c->max_bad_steps);
+    } else if (*skipped == STEP_APPLIED) {
+        R->bad_run = 0;
     }
     R->step++;
     R->tokens_seen += G * T;
@@ -403,10 +726,20 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
      * line is only for a plain interactive process */
     R.tty = d->rank == 0 && d->world == 1 && isatty(STDOUT_FILENO) && !getenv("OMPI_COMM_WORLD_SIZE") &&
             !getenv("PMI_RANK") && !getenv("SLURM_PROCID");
+    R.metrics_fd = -1;
     int rc = tp_train_cfg_check(cfg, d->world, &err);
     if (rc) {
         if (d->rank == 0) fprintf(stderr, "tptt: %s\n", err.msg);
         return TP_EXIT_USAGE;
+    }
+    /* before any work: run.dir writable, and ours alone (rank 0 decides) */
+    if (d->rank == 0) {
+        rc = probe_run_dir(&R, &err);
+        if (rc == TP_OK) rc = take_lock(&R, &err);
+    }
+    if (tp_dist_report_failure(d, rc, &err)) {
+        release_lock(&R);
+        return TP_EXIT_ERROR;
     }
     /* data preparation is collective: every rank enters it or none does */
     tp_tokenizer *tok = NULL;
@@ -427,12 +760,7 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
     }
     tp_train_install_signals(); /* normally done by cmd_train before MPI_Init already */
     if (d->rank == 0) {
-        tp_err e2;
-        char path[TP_PATH_MAX + 32];
-        if (tp_mkdir_p(cfg->run_dir, &e2) == TP_OK) {
-            snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run_dir);
-            R.metrics = fopen(path, "a");
-        }
+        metrics_open(&R);
         char plat[512];
         tp_platform_describe(plat, sizeof plat);
         fprintf(stderr,
@@ -500,6 +828,13 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
         fprintf(stderr, "tptt: training finished at step %lld; checkpoint: %s/checkpoints/step-%08lld\n",
                 (long long)R.step, cfg->run_dir, (long long)R.step);
     }
+    if (d->rank == 0 && R.empty_steps)
+        fprintf(stderr, "tptt: %lld step%s had no labelled tokens (every label of the batch masked) and changed "
+                        "nothing; they are not counted as faults\n",
+                (long long)R.empty_steps, R.empty_steps == 1 ? "" : "s");
+    if (d->rank == 0 && R.nonfinite_steps && exit_code != TP_EXIT_ERROR)
+        fprintf(stderr, "tptt: warning: %lld step%s skipped for a non-finite loss, gradient or update\n",
+                (long long)R.nonfinite_steps, R.nonfinite_steps == 1 ? "" : "s");
     free(ids);
     free(lab);
     free(ds);

@@ -140,14 +140,38 @@ int tp_write_file_atomic(const char *path, const void *data, size_t n, tp_err *e
     return rc;
 }
 
+int tp_open_regular(const char *path, struct stat *st, tp_err *err) {
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+     * writer forever; it is cleared again for the regular file */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat s;
+    if (fstat(fd, &s) != 0) {
+        int e = errno;
+        close(fd);
+        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (!S_ISREG(s.st_mode)) {
+        close(fd);
+        return tp_fail(err, TP_EIO, "%s: not a regular file (%s)", path,
+                       S_ISDIR(s.st_mode) ? "a directory" : S_ISFIFO(s.st_mode) ? "a FIFO" :
+                       S_ISSOCK(s.st_mode) ? "a socket" : S_ISCHR(s.st_mode) || S_ISBLK(s.st_mode) ? "a device" : "special file");
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl != -1) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    if (st) *st = s;
+    return fd;
+}
+
 int tp_read_file(const char *path, size_t limit, char **out, size_t *len, tp_err *err) {
     *out = NULL;
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(fp);
-        return tp_fail(err, TP_EIO, "%s: not a regular file", path);
+    int fd = tp_open_regular(path, &st, err);
+    if (fd < 0) return fd;
+    FILE *fp = fdopen(fd, "rb");
+    if (!fp) {
+        close(fd);
+        return tp_fail(err, TP_ENOMEM, "%s: cannot open: %s", path, strerror(errno));
     }
     if ((unsigned long long)st.st_size > limit) {
         fclose(fp);
@@ -206,18 +230,9 @@ long long tp_file_size(const char *path) {
 int tp_map_readonly(const char *path, const void **map, size_t *size, tp_err *err) {
     *map = NULL;
     *size = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return tp_fail(err, TP_EIO, "%s: not a regular file", path);
-    }
+    int fd = tp_open_regular(path, &st, err);
+    if (fd < 0) return fd;
     size_t n = (size_t)st.st_size;
     void *m = NULL;
     if (n > 0) {

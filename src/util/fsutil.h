@@ -45,6 +45,12 @@ int tp_rename_synced(const char *from, const char *to, tp_err *err);
 int tp_fsync_dir(const char *dir, tp_err *err);
 /* Write a whole small file crash-safely (temp + fsync + rename). */
 int tp_write_file_atomic(const char *path, const void *data, size_t n, tp_err *err);
+/* Open a regular file for reading without ever blocking on a FIFO (the
+ * type is checked before any read). Returns the descriptor (O_CLOEXEC), or a
+ * negative TP_E* code with "<path>: cannot open: ..." or "<path>: not a
+ * regular file (a FIFO)" in err. st receives fstat's result if not NULL. */
+struct stat;
+int tp_open_regular(const char *path, struct stat *st, tp_err *err);
 /* Read a whole small file into a NUL-terminated buffer (caller frees). limit
  * bounds the size accepted. */
 int tp_read_file(const char *path, size_t limit, char **out, size_t *len, tp_err *err);
