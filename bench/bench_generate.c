@@ -320,13 +320,17 @@ int main(int argc, char **argv) {
     int64_t block = 512;
     size_t bw_mib = 2048;
     int64_t ctx_s[MAX_CTX] = {1024, 8192, 32768}, ctx_l[MAX_CTX] = {1024, 8192, 32768, 131072};
-    int nctx_s = 3, nctx_l = 4, lin_given = 0;
+    int nctx_s = 3, nctx_l = 4, lin_given = 0, no_lora = 0;
     const char *model = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
         if (!strcmp(a, "--quick")) {
             quick = 1;
+            continue;
+        }
+        if (!strcmp(a, "--no-lora")) { /* the LoRA overhead of unmerged adapters: run without them */
+            no_lora = 1;
             continue;
         }
         if (!v) bad = 1;
@@ -353,7 +357,7 @@ int main(int argc, char **argv) {
             fprintf(stderr,
                     "usage: bench_generate [--layers N] [--contexts LIST] [--linear-contexts LIST] [--block N]\n"
                     "                      [--decode N] [--variants softmax,linear] [--model DIR] [--bw-mib N] "
-                    "[--quick]\n"
+                    "[--no-lora] [--quick]\n"
                     "  LIST: comma-separated token counts, k = 1024 (e.g. 1k,8k,32k)\n");
             return 2;
         }
@@ -486,6 +490,7 @@ int main(int argc, char **argv) {
         o.inference = 1;
         o.matmul = be;
         o.liza.enabled = 1;
+        if (no_lora) o.lora.targets = 0;
         tp_liza_preset("delta_product", &o.liza);
         o.mag.mode = TP_MAG_CONSTANT;
         o.mag.mu0 = var ? 1.0 : 0.5;
