@@ -65,6 +65,7 @@
 #endif
 
 #include "infer/cache.h"
+#include "infer/load.h"
 #include "io/hf_model.h"
 #include "kernels/matmul.h"
 #include "model/decoder.h"
@@ -264,15 +265,6 @@ static void print_loadavg(const char *when) {
     printf("load average %s: %s (other jobs on the machine skew every figure)\n", when, buf);
 }
 
-static tp_mm_backend pick_matmul(const tp_hf_model *hf) { /* as infer/load.c */
-    tp_cpu_features cpu;
-    tp_cpu_detect(&cpu);
-    int all_bf16 = 1;
-    for (size_t i = 0; i < hf->nweights; i++)
-        if (hf->desc[i].ndim == 2) all_bf16 &= hf->views[i]->dtype == TP_BF16;
-    return all_bf16 && cpu.avx512_bf16 ? TP_MM_BF16 : TP_MM_F32;
-}
-
 /* Bytes of the 2-D weights decode reads per token: every layer matrix and
  * the head (lm_head, or the embedding when tied); the embedding lookup of
  * one row is not counted. */
@@ -434,7 +426,7 @@ int main(int argc, char **argv) {
     }
     const tp_model_config *mc = &hf->cfg;
     int64_t L = mc->layers, V = mc->vocab, kvd = mc->kv_heads * mc->head_dim;
-    tp_mm_backend be = pick_matmul(hf);
+    tp_mm_backend be = tp_titan_pick_matmul(hf, TP_LOAD_MATMUL_AUTO);
     double lbytes, hbytes, wbytes = weight_bytes_per_token(hf, &lbytes, &hbytes);
     /* LiZA states read per token: [Hkv, d, d] fp32 per layer */
     double sbytes = (double)L * (double)(mc->kv_heads * mc->head_dim * mc->head_dim) * 4.0;

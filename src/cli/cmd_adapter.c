@@ -179,22 +179,6 @@ static int load_adapter(const char *path, adapter *a, tp_err *err) {
     return rc;
 }
 
-static int check_out_dir(const char *out_dir, tp_err *err) {
-    struct stat st;
-    if (stat(out_dir, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) return tp_fail(err, TP_EIO, "%s: exists and is not a directory", out_dir);
-        DIR *d = opendir(out_dir);
-        struct dirent *e;
-        int empty = 1;
-        while (d && (e = readdir(d)))
-            if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) empty = 0;
-        if (d) closedir(d);
-        if (!empty) return tp_fail(err, TP_EIO, "%s: exists and is not empty; write into a new directory", out_dir);
-    } else if (errno != ENOENT) {
-        return tp_fail(err, TP_EIO, "%s: %s", out_dir, strerror(errno));
-    }
-    return TP_OK;
-}
 
 /* Write the adapter (new A/B per module, rank R, alpha) and an optional report into out_dir. */
 static int write_adapter(const adapter *src, float *const *As, float *const *Bs, int R, double alpha,
@@ -514,7 +498,7 @@ int tp_cmd_adapter(int argc, char **argv) {
     tp_dist d;
     tp_err err = {0};
     if (tp_dist_init(&argc, &argv, &d, &err)) return tp_cli_error(err.msg);
-    int rc = d.rank == 0 ? check_out_dir(out, &err) : TP_OK;
+    int rc = d.rank == 0 ? tp_check_new_dir(out, &err) : TP_OK;
     rc = tp_dist_agree(&d, rc, &err);
     if (rc == TP_OK) rc = run_cmd(convert, ckpt, init, out, (int)R, alpha, (int)block, &d, &err);
     tp_dist_report_failure(&d, rc, &err);

@@ -211,7 +211,7 @@ void tp_titan_free(tp_titan *t) {
     free(t);
 }
 
-static tp_mm_backend pick_matmul(const tp_hf_model *hf, int want) {
+tp_mm_backend tp_titan_pick_matmul(const tp_hf_model *hf, int want) {
     if (want == TP_LOAD_MATMUL_F32) return TP_MM_F32;
     if (want == TP_LOAD_MATMUL_BF16) return TP_MM_BF16;
     tp_cpu_features cpu;
@@ -230,7 +230,7 @@ static int open_plain(tp_titan *t, const char *dir, int matmul, tp_err *err) {
     tp_decoder_opts o;
     tp_decoder_opts_default(&o);
     o.inference = 1;
-    o.matmul = pick_matmul(t->hf, matmul);
+    o.matmul = tp_titan_pick_matmul(t->hf, matmul);
     rc = tp_decoder_create(t->hf, &o, &t->dec, err);
     if (rc == TP_OK)
         snprintf(t->desc, sizeof t->desc, "%s model %s (no LiZA, no adapter)", tp_arch_class(t->hf->cfg.arch), dir);
@@ -268,7 +268,7 @@ static int open_checkpoint(tp_titan *t, const char *ck, const char *model_overri
     }
     if (rc == TP_OK) rc = tp_hf_open(t->base_dir, &t->hf, err);
     if (rc == TP_OK) {
-        o.matmul = pick_matmul(t->hf, matmul);
+        o.matmul = tp_titan_pick_matmul(t->hf, matmul);
         rc = tp_decoder_create(t->hf, &o, &t->dec, err);
         if (rc) tp_err_prefix(err, "%s", cfg_path);
     }

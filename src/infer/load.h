@@ -49,6 +49,9 @@ typedef struct tp_titan {
 } tp_titan;
 
 int tp_titan_load(const tp_load_opts *o, tp_titan **out, tp_err *err);
+/* The matmul backend for a model: want = TP_LOAD_MATMUL_*; auto is bf16
+ * (oneDNN) when every matrix is BF16 and the CPU has AVX512_BF16. */
+tp_mm_backend tp_titan_pick_matmul(const tp_hf_model *hf, int want);
 void tp_titan_free(tp_titan *t);
 
 /* The decoder options a checkpoint's config.json describes (FORMATS.md

@@ -302,23 +302,10 @@ static int write_peft(const tp_hf_model *base, const tp_decoder *m, const tp_exp
 }
 
 static int check_out_dir(const tp_hf_model *base, const char *out_dir, tp_err *err) {
-    struct stat st;
-    if (stat(out_dir, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) return tp_fail(err, TP_EIO, "%s: exists and is not a directory", out_dir);
-        char a[PATH_MAX], b[PATH_MAX];
-        if (realpath(out_dir, a) && realpath(base->dir, b) && !strcmp(a, b))
-            return tp_fail(err, TP_EINVAL, "%s: is the base model's directory; export elsewhere", out_dir);
-        DIR *d = opendir(out_dir);
-        struct dirent *e;
-        int empty = 1;
-        while (d && (e = readdir(d)))
-            if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) empty = 0;
-        if (d) closedir(d);
-        if (!empty) return tp_fail(err, TP_EIO, "%s: exists and is not empty; export into a new directory", out_dir);
-    } else if (errno != ENOENT) {
-        return tp_fail(err, TP_EIO, "%s: %s", out_dir, strerror(errno));
-    }
-    return TP_OK;
+    char a[PATH_MAX], b[PATH_MAX];
+    if (realpath(out_dir, a) && realpath(base->dir, b) && !strcmp(a, b))
+        return tp_fail(err, TP_EINVAL, "%s: is the base model's directory; export elsewhere", out_dir);
+    return tp_check_new_dir(out_dir, err);
 }
 
 int tp_export(const tp_hf_model *base, const tp_decoder *m, const tp_export_opts *o, const char *out_dir,

@@ -1,5 +1,6 @@
 #include "util/fsutil.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -251,4 +252,22 @@ int tp_map_readonly(const char *path, const void **map, size_t *size, tp_err *er
 
 void tp_unmap(const void *map, size_t size) {
     if (map) munmap((void *)map, size);
+}
+
+int tp_check_new_dir(const char *path, tp_err *err) {
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        if (errno == ENOENT) return TP_OK;
+        return tp_fail(err, TP_EIO, "%s: %s", path, strerror(errno));
+    }
+    if (!S_ISDIR(st.st_mode)) return tp_fail(err, TP_EIO, "%s: exists and is not a directory", path);
+    DIR *d = opendir(path);
+    if (!d) return tp_fail(err, TP_EIO, "%s: %s", path, strerror(errno));
+    struct dirent *e;
+    int empty = 1;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) empty = 0;
+    closedir(d);
+    if (!empty) return tp_fail(err, TP_EIO, "%s: exists and is not empty; write into a new directory", path);
+    return TP_OK;
 }

@@ -56,6 +56,10 @@ int tp_open_regular(const char *path, struct stat *st, tp_err *err);
 int tp_read_file(const char *path, size_t limit, char **out, size_t *len, tp_err *err);
 /* mkdir -p. */
 int tp_mkdir_p(const char *path, tp_err *err);
+/* A directory a command may create or fill: path does not exist, or is an
+ * empty directory. Otherwise an error naming it (never overwrite a user's
+ * files). */
+int tp_check_new_dir(const char *path, tp_err *err);
 /* 1 if path exists (any type). */
 int tp_exists(const char *path);
 /* Size of a regular file in bytes, or -1. */
