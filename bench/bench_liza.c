@@ -5,7 +5,19 @@
  * time(32k)/time(4k) and the crossover length where LiZA-only is faster.
  *
  *   bench_liza [--heads 32] [--dim 128] [--order 1] [--chunk 64]
- *              [--tmax 32768] [--softmax-tmax 8192] [--ref]
+ *              [--tmin 256] [--tmax 32768] [--softmax-tmax 8192] [--reps 1]
+ *              [--ref] [--kernel] [--chunks 32,64,128] [--orders 1,2]
+ *              [--decay]
+ *
+ * --kernel measures the kernel alone at T = 4096 (--tmax), H = --heads,
+ * d = --dim for each n_h of --orders and each C of --chunks: forward,
+ * backward and fwd+bwd, best of --reps (default 3), each repetition
+ * interleaved with a 2048³ sgemm on the same threads, and prints GFLOP/s and
+ * the share of the best sgemm rate of that configuration. FLOPs are those of
+ * LIZA.md section 6 as the kernel performs them, triangular products counted
+ * at half (only the needed triangle): see liza_flops(). Backward includes
+ * the recompute of each chunk's forward (W, U, Vn) since only the entry
+ * states are saved.
  *
  * --ref runs the issue's reference shape instead: T = 4096, H = 8, d = 128,
  * n_h = 1 and 2 (targets: <= 0.15 s and <= 200 MB for n_h = 1, <= 0.4 s for
@@ -19,6 +31,8 @@
 
 #include "kernels/attention.h"
 #include "kernels/liza.h"
+#include <cblas.h>
+#include <omp.h>
 #include "util/platform.h"
 #include "util/rng.h"
 
@@ -58,36 +72,187 @@ static void unitize(float *x, size_t rows, int64_t d) {
     }
 }
 
-/* fwd+bwd of LiZA for one layer; returns seconds, sets *mem to the RSS growth */
-static double run_liza(int64_t T, int64_t H, int64_t d, int order, int chunk, double *mem, double *gflop) {
-    tp_rng r;
-    tp_rng_seed(&r, 1, 1);
-    double before = rss_mib();
-    size_t n = (size_t)(T * H * d);
-    float *q = rnd(n, &r, 1, 0), *k = rnd(n, &r, 1, 0), *v = rnd(n, &r, 0.2, 0), *b = rnd(n, &r, 0.5, 0.5);
-    unitize(q, (size_t)(T * H), d);
-    unitize(k, (size_t)(T * H), d);
-    int32_t *ds = calloc((size_t)T, sizeof *ds);
-    tp_liza_dims s = {1, T, H, H, d};
-    tp_liza_cfg c = {order, TP_TRICK_DT, 1, chunk};
-    size_t ns = tp_liza_state_count(&s, &c, ds) * (size_t)(d * d);
-    float *st = malloc(ns * sizeof *st), *y = malloc(n * sizeof *y), *dy = rnd(n, &r, 1, 0);
-    float *dq = malloc(n * sizeof *dq), *dk = malloc(n * sizeof *dk), *dv = malloc(n * sizeof *dv),
-          *db = malloc(n * sizeof *db);
-    tp_err err;
-    double t0 = now();
-    tp_liza_fwd(&s, &c, q, k, v, b, NULL, ds, y, st, &err);
-    tp_liza_bwd(&s, &c, q, k, v, b, NULL, ds, st, dy, dq, dk, dv, db, NULL, &err);
-    double t = now() - t0;
-    *mem = peak_mib() - before;
-    /* per virtual chunk of cv rows: fwd ~ 6 cv d² + 6 cv² d (+ O), bwd ~ 2.5x */
-    double cv = (double)chunk * order, rows = (double)T * order;
-    *gflop = 3.5 * rows * H * (6.0 * d * d + 6.0 * cv * d) / 1e9;
-    free(q); free(k); free(v); free(b); free(ds); free(st); free(y); free(dy); free(dq); free(dk); free(dv); free(db);
-    return t;
+/* FLOPs of one layer's forward (bwd = 0) or backward (bwd = 1): section 6
+ * per chunk of cr real / cv = cr·n virtual rows per kv head, g query heads
+ * per kv head; tri = strict lower triangle, causal = the entries a real row
+ * sees (its own virtual slots included). */
+static double liza_flops(int64_t T, int64_t H, int64_t Hkv, int64_t d, int n, int64_t C, int decay, int linear,
+                         int bwd) {
+    double tot = 0, g = (double)(H / Hkv), dd = (double)d;
+    for (int64_t t0 = 0; t0 < T; t0 += C) {
+        double cr = (double)(t0 + C < T ? C : T - t0), cv = cr * n;
+        double tri = cv * (cv - 1) / 2, causal = n * cr * (cr + 1) / 2;
+        double f = 2 * tri * dd + 4 * tri * dd + 2 * cv * dd * dd; /* L, A·[ΓK̃|Ṽ], Vn = U - W S */
+        if (!bwd) {
+            f += 2 * cv * dd * dd + g * (2 * cr * dd * dd + 4 * causal * dd); /* S', Q S, Q Kᵀ, P Vn */
+        } else {
+            if (!linear) f += 2 * cv * dd * dd;                            /* S' for φ' */
+            f += 4 * cv * dd * dd;                                          /* K dS', Vn dS'ᵀ */
+            f += g * (4 * cr * dd * dd + 10 * causal * dd);                 /* dQ, dS; P, dP, Pᵀ dO, dP K, dPᵀ Q */
+            if (decay) f += g * 2 * cr * dd * dd;                           /* Q S for dγ */
+            f += 4 * cv * dd * dd + 4 * tri * dd + 4 * tri * dd + 4 * tri * dd; /* dW, Wᵀ dVn, Aᵀ[dW|dU], dL, dL K, dLᵀ K̃ */
+        }
+        tot += f;
+    }
+    return tot * (double)Hkv;
 }
 
-static double run_softmax(int64_t T, int64_t H, int64_t d, double *mem, double *gflop) {
+typedef struct liza_buf {
+    int64_t T, H, d;
+    float *q, *k, *v, *b, *la, *y, *dy, *dq, *dk, *dv, *db, *dla, *st;
+    int32_t *ds;
+} liza_buf;
+
+static void liza_buf_init(liza_buf *L, int64_t T, int64_t H, int64_t d, int64_t cmin, int order) {
+    tp_rng r;
+    tp_rng_seed(&r, 1, 1);
+    size_t n = (size_t)(T * H * d);
+    L->T = T; L->H = H; L->d = d;
+    L->q = rnd(n, &r, 1, 0); L->k = rnd(n, &r, 1, 0); L->v = rnd(n, &r, 0.2, 0); L->b = rnd(n, &r, 0.5, 0.5);
+    L->la = rnd((size_t)(T * H), &r, 0.1, -0.05);
+    unitize(L->q, (size_t)(T * H), d);
+    unitize(L->k, (size_t)(T * H), d);
+    L->ds = calloc((size_t)T, sizeof *L->ds);
+    tp_liza_dims s = {1, T, H, H, d};
+    tp_liza_cfg c = {order, TP_TRICK_DT, 1, (int)cmin};
+    size_t ns = tp_liza_state_count(&s, &c, L->ds) * (size_t)(d * d);
+    L->st = malloc(ns * sizeof *L->st);
+    L->y = malloc(n * sizeof(float)); L->dy = rnd(n, &r, 1, 0);
+    L->dq = malloc(n * sizeof(float)); L->dk = malloc(n * sizeof(float)); L->dv = malloc(n * sizeof(float));
+    L->db = malloc(n * sizeof(float)); L->dla = malloc((size_t)(T * H) * sizeof(float));
+}
+
+static void liza_buf_free(liza_buf *L) {
+    free(L->q); free(L->k); free(L->v); free(L->b); free(L->la); free(L->y); free(L->dy); free(L->dq); free(L->dk);
+    free(L->dv); free(L->db); free(L->dla); free(L->st); free(L->ds);
+}
+
+/* one forward and one backward; seconds of each */
+static void liza_once(liza_buf *L, int order, int chunk, int decay, double *tf, double *tb) {
+    tp_liza_dims s = {1, L->T, L->H, L->H, L->d};
+    tp_liza_cfg c = {order, TP_TRICK_DT, 1, chunk};
+    tp_err err;
+    double t0 = now();
+    if (tp_liza_fwd(&s, &c, L->q, L->k, L->v, L->b, decay ? L->la : NULL, L->ds, L->y, L->st, &err))
+        fprintf(stderr, "liza fwd: %s\n", err.msg);
+    double t1 = now();
+    if (tp_liza_bwd(&s, &c, L->q, L->k, L->v, L->b, decay ? L->la : NULL, L->ds, L->st, L->dy, L->dq, L->dk, L->dv,
+                    L->db, L->dla, &err))
+        fprintf(stderr, "liza bwd: %s\n", err.msg);
+    double t2 = now();
+    *tf = t1 - t0;
+    *tb = t2 - t1;
+}
+
+/* fwd+bwd of LiZA for one layer, best of reps; returns seconds, sets *mem to
+ * the RSS growth */
+static double run_liza(int64_t T, int64_t H, int64_t d, int order, int chunk, int reps, double *mem, double *gflop) {
+    double before = rss_mib();
+    liza_buf L;
+    liza_buf_init(&L, T, H, d, chunk, order);
+    double best = 1e30;
+    for (int i = 0; i < reps; i++) {
+        double tf, tb;
+        liza_once(&L, order, chunk, 0, &tf, &tb);
+        if (tf + tb < best) best = tf + tb;
+    }
+    *mem = peak_mib() - before;
+    *gflop = (liza_flops(T, H, H, d, order, chunk, 0, 1, 0) + liza_flops(T, H, H, d, order, chunk, 0, 1, 1)) / 1e9;
+    liza_buf_free(&L);
+    return best;
+}
+
+/* GFLOP/s of one n³ sgemm on the current threads (buffers kept between calls) */
+static double sgemm_rate(int64_t n) {
+    static float *a, *b, *c;
+    static int64_t have;
+    if (have != n) {
+        free(a); free(b); free(c);
+        tp_rng r;
+        tp_rng_seed(&r, 3, 1);
+        a = rnd((size_t)(n * n), &r, 1, 0); b = rnd((size_t)(n * n), &r, 1, 0); c = calloc((size_t)(n * n), sizeof *c);
+        have = n;
+    }
+    double t0 = now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)n, (int)n, 1.0f, a, (int)n, b, (int)n, 0.0f, c,
+                (int)n);
+    return 2.0 * (double)n * (double)n * (double)n / (now() - t0) / 1e9;
+}
+
+static double loadavg(void) {
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1) l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
+/* The kernel alone at one length: forward, backward, fwd+bwd per (n_h, C) */
+static void kernel_table(int64_t T, int64_t H, int64_t d, const int *orders, int norders, const int *chunks,
+                         int nchunks, int reps, int decay) {
+    printf("kernel alone: T=%lld, H=Hkv=%lld, d=%lld, %s, best of %d (each rep interleaved with a 2048^3 sgemm), "
+           "%d threads, load average %.2f\n",
+           (long long)T, (long long)H, (long long)d, decay ? "with decay" : "no decay", reps, omp_get_max_threads(),
+           loadavg());
+    printf("%4s %5s | %8s %8s %6s | %8s %8s %6s | %8s %8s %6s | %8s\n", "n_h", "C", "fwd s", "GFLOP/s", "%gemm",
+           "bwd s", "GFLOP/s", "%gemm", "f+b s", "GFLOP/s", "%gemm", "sgemm GF");
+    int cmin = chunks[0];
+    for (int i = 1; i < nchunks; i++)
+        if (chunks[i] < cmin) cmin = chunks[i];
+    double res[8][8][4], gemm = 0; /* fwd, bwd, f+b seconds; sgemm of that row */
+    for (int oi = 0; oi < norders; oi++) {
+        int order = orders[oi];
+        liza_buf L;
+        liza_buf_init(&L, T, H, d, cmin, order);
+        for (int ci = 0; ci < nchunks; ci++) {
+            double *r4 = res[oi][ci];
+            r4[0] = r4[1] = r4[2] = 1e30;
+            r4[3] = 0;
+            for (int r = 0; r < reps; r++) {
+                double g = sgemm_rate(2048);
+                if (g > r4[3]) r4[3] = g;
+                double tf, tb;
+                liza_once(&L, order, chunks[ci], decay, &tf, &tb);
+                if (tf < r4[0]) r4[0] = tf;
+                if (tb < r4[1]) r4[1] = tb;
+                if (tf + tb < r4[2]) r4[2] = tf + tb;
+            }
+            if (r4[3] > gemm) gemm = r4[3];
+        }
+        liza_buf_free(&L);
+    }
+    /* shares of the best sgemm rate of the whole run (the conservative
+     * reference on a shared machine) */
+    for (int oi = 0; oi < norders; oi++)
+        for (int ci = 0; ci < nchunks; ci++) {
+            int order = orders[oi], C = chunks[ci];
+            double *r4 = res[oi][ci], bf = r4[0], bb = r4[1], bt = r4[2];
+            double ff = liza_flops(T, H, H, d, order, C, decay, 1, 0) / 1e9;
+            double fb = liza_flops(T, H, H, d, order, C, decay, 1, 1) / 1e9;
+            printf("%4d %5d | %8.3f %8.1f %5.0f%% | %8.3f %8.1f %5.0f%% | %8.3f %8.1f %5.0f%% | %8.1f\n", order, C, bf,
+                   ff / bf, 100 * ff / bf / gemm, bb, fb / bb, 100 * fb / bb / gemm, bt, (ff + fb) / bt,
+                   100 * (ff + fb) / bt / gemm, r4[3]);
+        }
+    printf("%%gemm: share of the best sgemm rate of the whole run, %.1f GFLOP/s (last column: best sgemm "
+           "interleaved with that row)\n",
+           gemm);
+    printf("load average after: %.2f\n", loadavg());
+}
+
+static int parse_list(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        out[n++] = atoi(s);
+        const char *c = strchr(s, ',');
+        if (!c) break;
+        s = c + 1;
+    }
+    return n;
+}
+
+static double run_softmax(int64_t T, int64_t H, int64_t d, int reps, double *mem, double *gflop) {
     tp_rng r;
     tp_rng_seed(&r, 2, 1);
     double before = rss_mib();
@@ -98,10 +263,13 @@ static double run_softmax(int64_t T, int64_t H, int64_t d, double *mem, double *
     int32_t *ds = calloc((size_t)T, sizeof *ds);
     tp_attn_dims s = {1, T, H, H, d, 0};
     tp_err err;
-    double t0 = now();
-    tp_attn_fwd(&s, q, k, v, ds, o, lse, &err);
-    tp_attn_bwd(&s, q, k, v, ds, o, lse, dout, dq, dk, dv, &err);
-    double t = now() - t0;
+    double t = 1e30;
+    for (int i = 0; i < reps; i++) {
+        double t0 = now();
+        tp_attn_fwd(&s, q, k, v, ds, o, lse, &err);
+        tp_attn_bwd(&s, q, k, v, ds, o, lse, dout, dq, dk, dv, &err);
+        if (now() - t0 < t) t = now() - t0;
+    }
     *mem = peak_mib() - before;
     /* causal: fwd 2 products of T²/2·d per head, bwd 5 (incl. recompute) */
     *gflop = 7.0 * 2.0 * (double)T * (double)T / 2.0 * (double)d * (double)H / 1e9;
@@ -111,44 +279,57 @@ static double run_softmax(int64_t T, int64_t H, int64_t d, double *mem, double *
 
 int main(int argc, char **argv) {
     tp_maybe_reexec_for_blas(argc, argv);
-    int64_t H = 32, d = 128, tmax = 32768, smax = 8192;
-    int order = 1, chunk = 64, ref = 0;
+    int64_t H = 32, d = 128, tmin = 256, tmax = 32768, smax = 8192;
+    int order = 1, chunk = 64, ref = 0, kernel = 0, reps = 0, decay = 0, orders[8] = {1, 2}, norders = 2;
+    int chunks[8] = {32, 64, 128}, nchunks = 3, have_tmax = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--ref")) ref = 1;
         else if (i + 1 < argc && !strcmp(argv[i], "--heads")) H = atoll(argv[++i]);
         else if (i + 1 < argc && !strcmp(argv[i], "--dim")) d = atoll(argv[++i]);
         else if (i + 1 < argc && !strcmp(argv[i], "--order")) order = atoi(argv[++i]);
         else if (i + 1 < argc && !strcmp(argv[i], "--chunk")) chunk = atoi(argv[++i]);
-        else if (i + 1 < argc && !strcmp(argv[i], "--tmax")) tmax = atoll(argv[++i]);
+        else if (i + 1 < argc && !strcmp(argv[i], "--tmax")) tmax = atoll(argv[++i]), have_tmax = 1;
+        else if (i + 1 < argc && !strcmp(argv[i], "--tmin")) tmin = atoll(argv[++i]);
+        else if (i + 1 < argc && !strcmp(argv[i], "--reps")) reps = atoi(argv[++i]);
+        else if (i + 1 < argc && !strcmp(argv[i], "--chunks")) nchunks = parse_list(argv[++i], chunks, 8);
+        else if (i + 1 < argc && !strcmp(argv[i], "--orders")) norders = parse_list(argv[++i], orders, 8);
+        else if (!strcmp(argv[i], "--kernel")) kernel = 1;
+        else if (!strcmp(argv[i], "--decay")) decay = 1;
         else if (i + 1 < argc && !strcmp(argv[i], "--softmax-tmax")) smax = atoll(argv[++i]);
     }
     char plat[512];
     tp_platform_describe(plat, sizeof plat);
     printf("platform: %s\n", plat);
+    if (kernel) {
+        kernel_table(have_tmax ? tmax : 4096, H, d, orders, norders, chunks, nchunks, reps > 0 ? reps : 3, decay);
+        return 0;
+    }
+    if (reps < 1) reps = 1;
     if (ref) {
         printf("reference shape: one layer, T=4096, H=8, d=128, chunk %d\n", chunk);
         printf("%-6s %10s %10s %14s\n", "n_h", "seconds", "GFLOP/s", "peak MiB (+)");
         for (int o = 1; o <= 2; o++) {
-            double mem, gf, t = run_liza(4096, 8, d, o, chunk, &mem, &gf);
+            double mem, gf, t = run_liza(4096, 8, d, o, chunk, reps, &mem, &gf);
             printf("%-6d %10.3f %10.1f %14.0f\n", o, t, gf / t, mem);
             fflush(stdout);
         }
         printf("targets: n_h=1 <= 0.15 s and <= 200 MB; n_h=2 <= 0.4 s (Python TPTT: 7.2 s/3.2 GB, 23.9 s/7.2 GB)\n");
         return 0;
     }
-    printf("one layer fwd+bwd, H=%lld, d=%lld, n_h=%d, chunk %d (softmax up to T=%lld)\n", (long long)H, (long long)d,
-           order, chunk, (long long)smax);
+    printf("one layer fwd+bwd, H=%lld, d=%lld, n_h=%d, chunk %d (softmax up to T=%lld), best of %d, load average "
+           "%.2f\n",
+           (long long)H, (long long)d, order, chunk, (long long)smax, reps, loadavg());
     printf("%8s | %10s %9s %10s | %10s %9s %10s | %s\n", "T", "LiZA s", "GFLOP/s", "+MiB", "softmax s", "GFLOP/s",
            "+MiB", "faster");
     double t4k = 0, t32k = 0;
     int64_t crossover = 0;
-    for (int64_t T = 256; T <= tmax; T *= 2) {
-        double ml, gl, tl = run_liza(T, H, d, order, chunk, &ml, &gl);
+    for (int64_t T = tmin; T <= tmax; T *= 2) {
+        double ml, gl, tl = run_liza(T, H, d, order, chunk, reps, &ml, &gl);
         if (T == 4096) t4k = tl;
         if (T == 32768) t32k = tl;
         printf("%8lld | %10.3f %9.1f %10.0f |", (long long)T, tl, gl / tl, ml);
         if (T <= smax) {
-            double ms, gs, ts = run_softmax(T, H, d, &ms, &gs);
+            double ms, gs, ts = run_softmax(T, H, d, reps, &ms, &gs);
             printf(" %10.3f %9.1f %10.0f | %s\n", ts, gs / ts, ms, tl < ts ? "LiZA" : "softmax");
             if (tl < ts && !crossover) crossover = T;
         } else {

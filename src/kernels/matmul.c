@@ -1,6 +1,7 @@
 #include "kernels/matmul.h"
 
 #include <cblas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <stdio.h>
@@ -249,9 +250,12 @@ static _Atomic int g_forced = -1; /* tp_mm_force_isa, -1: none */
 static tp_mm_isa cpu_isa(void) {
     tp_cpu_features f;
     tp_cpu_detect(&f);
-    __builtin_cpu_init();
+    /* FMA and F16C from CPUID leaf 1 (ECX bits 12 and 29): clang's
+     * __builtin_cpu_supports does not know "f16c" */
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    int fma_f16c = __get_cpuid(1, &a, &b, &c, &d) && (c >> 12 & 1) && (c >> 29 & 1);
     if (f.avx512f && f.avx512bw) return TP_ISA_AVX512;
-    if (f.avx2 && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return TP_ISA_AVX2;
+    if (f.avx2 && fma_f16c) return TP_ISA_AVX2;
     return TP_ISA_SCALAR;
 }
 
