@@ -408,6 +408,6 @@ int tp_bpe_encode_piece(tp_bpe *b, const char *s, size_t n, tp_ids *out, tp_err 
         for (int32_t i = k ? 0 : -1; i >= 0; i = b->syms[i].next)
             if (tp_ids_push(out, b->syms[i].id, err)) return TP_ENOMEM;
     }
-    if (h) cache_put(b, s, n, h, out->ids + start, out->n - start);
+    if (h) cache_put(b, s, n, h, out->n > start ? out->ids + start : NULL, out->n - start);
     return TP_OK;
 }

@@ -5,12 +5,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A message is one line whatever it quotes from a file or the command line:
+ * control characters (a newline inside a quoted field name, ...) become '?'. */
+static void one_line(char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
+}
+
 int tp_fail(tp_err *err, int code, const char *fmt, ...) {
     if (err) {
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(err->msg, sizeof err->msg, fmt, ap);
         va_end(ap);
+        one_line(err->msg);
         err->code = code;
     }
     return code;
@@ -32,6 +40,7 @@ int tp_err_prefix(tp_err *err, const char *fmt, ...) {
     for (const char *s = ": "; *s && n + 1 < sizeof out; s++) out[n++] = *s;
     for (size_t i = 0; old[i] && n + 1 < sizeof out; i++) out[n++] = old[i];
     out[n] = 0;
+    one_line(out);
     memcpy(err->msg, out, n + 1);
     return err->code;
 }
