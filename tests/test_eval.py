@@ -308,6 +308,13 @@ if kit.succeeds(p, "passkey"):
     r = report(p)
     kit.eq((r["lengths"], r["depths"], r["trials"]), ([128, 256], [0.0, 1.0], 2), "passkey grid")
     kit.eq(len(r["by_length_depth"]), 2, "one row per length")
+    png = os.path.join(work, "heat'; system('touch PWNED'); '.png")
+    p2 = run(["eval", "passkey", "--checkpoint", run_dir, "--lengths", "128", "--depths", "0,1", "--trials", 1,
+              "--png", png], "passkey png")
+    if kit.succeeds(p2, "passkey heat map"):
+        check(open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n", "a PNG at a path with quotes")
+        check(not os.path.exists("PWNED") and not os.path.exists(os.path.join(work, "PWNED")),
+              "the output path never reaches gnuplot as code")
     two = run(["eval", "passkey", "--checkpoint", run_dir, "--lengths", "128,256", "--depths", "0,1", "--trials",
                2, "--seed", 4], "passkey 2 ranks", mpi=2)
     if kit.succeeds(two, "passkey on 2 ranks"):

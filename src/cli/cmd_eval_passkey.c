@@ -12,6 +12,7 @@
 #include "infer/cache.h"
 #include "infer/generate.h"
 #include "util/fsutil.h"
+#include "util/gnuplot.h"
 #include "util/rng.h"
 
 static void usage(FILE *fp) {
@@ -22,6 +23,7 @@ static void usage(FILE *fp) {
             "  --depths D1,D2,...      needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)\n"
             "  --trials K              keys per (length, depth) (default 3)\n"
             "  --seed S  --tokenizer DIR  --prefill-block N (default 512)\n"
+            "  --png FILE.png          the accuracy per (length, depth) as a heat map (gnuplot)\n"
             "  --report FILE.json  --matmul auto|f32|bf16\n");
 }
 
@@ -38,6 +40,35 @@ static int parse_list(const char *s, double *out, int max, int *n, double lo, do
     return *n ? 0 : -1;
 }
 
+/* accuracy per (length, depth) as an image: cells in index space, tics
+ * labelled with the numbers themselves (only numbers we format reach gnuplot) */
+static int heat_map(const char *out, const double *lengths, int nl, const double *depths, int nd, const int64_t *ok,
+                    long long trials, tp_err *err) {
+    tp_strbuf s;
+    tp_strbuf_init(&s);
+    tp_strbuf_puts(&s, "set terminal png size 900,560 noenhanced\nset output\n"
+                       "set title 'passkey retrieval accuracy'\nset xlabel 'depth of the key in the context'\n"
+                       "set ylabel 'context length (tokens)'\nset cbrange [0:1]\nset cblabel 'accuracy'\n"
+                       "set palette defined (0 '#b2182b', 0.5 '#f7f7f7', 1 '#2166ac')\n"
+                       "set xrange [-0.5:");
+    tp_strbuf_printf(&s, "%d.5]\nset yrange [-0.5:%d.5]\nset xtics (", nd - 1, nl - 1);
+    for (int k = 0; k < nd; k++) tp_strbuf_printf(&s, "%s'%.2f' %d", k ? ", " : "", depths[k], k);
+    tp_strbuf_puts(&s, ")\nset ytics (");
+    for (int l = 0; l < nl; l++) tp_strbuf_printf(&s, "%s'%lld' %d", l ? ", " : "", (long long)lengths[l], l);
+    tp_strbuf_puts(&s, ")\n$acc << EOD\n");
+    for (int l = 0; l < nl; l++)
+        for (int k = 0; k < nd; k++) {
+            int64_t c = 0;
+            for (long long t = 0; t < trials; t++) c += ok[((int64_t)l * nd + k) * trials + t];
+            tp_strbuf_printf(&s, "%d %d %.6f\n", k, l, (double)c / (double)trials);
+        }
+    tp_strbuf_puts(&s, "EOD\nplot $acc using 1:2:3 with image notitle, $acc using 1:2:(sprintf('%.2f', $3)) "
+                       "with labels notitle\n");
+    int rc = s.oom ? tp_fail(err, TP_ENOMEM, "out of memory") : tp_gnuplot_png(s.buf, s.len, out, err);
+    tp_strbuf_free(&s);
+    return rc;
+}
+
 int tp_cmd_eval_passkey(int argc, char **argv) {
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},     {"checkpoint", required_argument, 0, 'c'},
@@ -45,13 +76,14 @@ int tp_cmd_eval_passkey(int argc, char **argv) {
         {"max-context", required_argument, 0, 'x'}, {"lengths", required_argument, 0, 'L'},
         {"depths", required_argument, 0, 'D'},    {"trials", required_argument, 0, 't'},
         {"seed", required_argument, 0, 's'},      {"tokenizer", required_argument, 0, 'k'},
-        {"prefill-block", required_argument, 0, 'B'}, {"help", no_argument, 0, 'h'},
+        {"prefill-block", required_argument, 0, 'B'}, {"png", required_argument, 0, 'P'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     tp_eval_common com = {0};
     double lengths[64], depths[64] = {0, 0.25, 0.5, 0.75, 1};
     int nl = 0, nd = 5;
     long long max_ctx = 8192, trials = 3, seed = 0, block = 512;
-    const char *tok_dir = NULL;
+    const char *tok_dir = NULL, *png = NULL;
     int ch;
     optind = 1;
     opterr = 0;
@@ -63,6 +95,7 @@ int tp_cmd_eval_passkey(int argc, char **argv) {
         switch (ch) {
         case 'h': usage(stdout); return 0;
         case 'k': tok_dir = optarg; break;
+        case 'P': png = optarg; break;
         case 'x': bad = tp_cli_int(optarg, 64, 1 << 24, &max_ctx); break;
         case 't': bad = tp_cli_int(optarg, 1, 10000, &trials); break;
         case 's': bad = tp_cli_int(optarg, 0, INT64_MAX, &seed); break;
@@ -161,6 +194,8 @@ int tp_cmd_eval_passkey(int argc, char **argv) {
                                  (double)total / (double)nitems, (long long)nitems);
         rc = s ? tp_eval_write_report(&d, &com, s, &err) : tp_fail(&err, TP_ENOMEM, "out of memory");
         free(s);
+        if (rc == TP_OK && png && d.rank == 0) rc = heat_map(png, lengths, nl, depths, nd, ok, trials, &err);
+        if (rc == TP_OK && png && d.rank == 0) fprintf(stderr, "tptt: eval passkey: wrote %s\n", png);
     }
     tp_dist_report_failure(&d, rc, &err);
     free(ok);
