@@ -52,6 +52,17 @@ static void gemm_d(int ta, int tb, int64_t m, int64_t n, int64_t k, double al, c
     cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)m, (int)n,
                 (int)k, al, a, (int)lda, b, (int)ldb, be, c, (int)ldc);
 }
+/* Solve (I + L) X = B (trans = 0) or (I + L)ᵀ X = B (trans = 1) in place;
+ * L strictly lower, unit diagonal implied. */
+static void trsm_f(int trans, int64_t m, int64_t n, const float *L, int64_t ldl, float *b, int64_t ldb) {
+    cblas_strsm(CblasRowMajor, CblasLeft, CblasLower, trans ? CblasTrans : CblasNoTrans, CblasUnit, (int)m, (int)n,
+                1.0f, L, (int)ldl, b, (int)ldb);
+}
+static void trsm_d(int trans, int64_t m, int64_t n, const double *L, int64_t ldl, double *b, int64_t ldb) {
+    cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, trans ? CblasTrans : CblasNoTrans, CblasUnit, (int)m, (int)n,
+                1.0, L, (int)ldl, b, (int)ldb);
+}
+
 /* e^x of a non-positive log-decay difference; exp(0) = 1 exactly, so chunks
  * without decay cost no exponentials beyond a compare */
 static inline float expr_f(float x) { return x == 0.0f ? 1.0f : expf(x); }
@@ -61,19 +72,19 @@ static inline double expr_d(double x) { return x == 0.0 ? 1.0 : exp(x); }
 #define EXPR expr_f
 #define SFX(x) x##_f32
 #define GEMM gemm_f
-
+#define TRSM trsm_f
 #define tp_liza_fwd_f32 tp_liza_fwd
 #define tp_liza_bwd_f32 tp_liza_bwd
 #include "kernels/liza_impl.h"
 #undef REAL
 #undef SFX
 #undef GEMM
-
+#undef TRSM
 
 #undef EXPR
 #define REAL double
 #define EXPR expr_d
 #define SFX(x) x##_f64
 #define GEMM gemm_d
-
+#define TRSM trsm_d
 #include "kernels/liza_impl.h"

@@ -1,55 +1,32 @@
 /* liza_impl.h - the chunked LiZA kernel, written once for REAL = float and
- * REAL = double. Included by liza.c with REAL, EXPR, SFX(x) and GEMM defined.
+ * REAL = double. Included by liza.c with REAL, SFX(x), GEMM and TRSM defined.
  * Notation follows LIZA.md section 6; "virtual" rows are the n_h slots of
- * each real token (n_h = 1: virtual = real).
- *
- * Per chunk of one kv head (cv virtual rows, cr real rows, g query heads):
- *   L = strict_lower(K̃ Kᵀ ⊙ E), (I + L)⁻¹ applied blockwise: the diagonal
- *   blocks (LIZA_BS rows) are inverted by substitution, the rest are GEMMs;
- *   [W | U] = (I + L)⁻¹ [ΓK̃ | Ṽ] as one product with 2d columns;
- *   the g query heads of the group are one product (their rows packed
- *   token-major, r·g + h), written straight into y when g = 1.
- * E/D_ij = e^{γi-γj} (i >= j) is formed as Γ_i·Γ_j⁻¹ when every |γ| of the
- * chunk is <= 60 (no overflow, no exponential per entry), else entry by entry;
- * chunks without decay skip it. With n_h = 1 the virtual rows are the input
- * rows themselves (every trick is the identity at slot 0), read in place. */
-
-#ifndef LIZA_BS
-#define LIZA_BS 16
-#endif
+ * each real token (n_h = 1: virtual = real). */
 
 typedef struct SFX(ws) {
-    int64_t cv, cr, d, g, bs;
-    int decay, safe, need_dg;
-    const REAL *Kv, *Vh; /* virtual rows (in place for n_h = 1) */
-    int64_t ldk, ldv;
-    REAL *Kb, *Vb, *Kt, *XR, *WU, *Vn, *Lm, *Ai, *Qp, *P, *Ob, *dOp, *dOG, *dP, *tmp;
-    REAL *dWU, *XY, *M2, *dK, *dKt;
+    int64_t cv, cr, d;
+    REAL *Kv, *Ktv, *Vh, *Vtv, *W, *U, *Vn, *dVn, *dK, *dKt, *X, *Y, *tmp;
+    REAL *Lm, *M2, *P, *dP, *QS, *dO;
     REAL *S, *Sn, *dS, *dSp, *dSin;
-    REAL *gv, *gam, *Gam, *Gami, *wexp, *dgam;
+    REAL *g, *gam, *Gam, *dgam, *wexp;
 } SFX(ws);
 
 static void SFX(ws_free)(SFX(ws) *w) {
-    free(w->Kb); /* one block */
+    free(w->Kv); /* one block */
     memset(w, 0, sizeof *w);
 }
 
-static int SFX(ws_alloc)(SFX(ws) *w, int64_t cr, int64_t cv, int64_t d, int64_t g) {
-    int64_t bs = cv < LIZA_BS ? cv : LIZA_BS, gr = g * cr;
-    size_t n = (size_t)(2 * cv * d + cv * d + 2 * cv * 2 * d + cv * d + cv * cv + cv * bs + gr * d + gr * cv +
-                        gr * d + 2 * gr * d + gr * cv + cv * d + 2 * cv * 2 * d + cv * cv + 2 * cv * d + 5 * d * d +
-                        6 * cv);
+static int SFX(ws_alloc)(SFX(ws) *w, int64_t cr, int64_t cv, int64_t d) {
+    size_t n = (size_t)(13 * cv * d + 2 * cv * cv + 2 * cr * cv + 2 * cr * d + 5 * d * d + 5 * cv);
     REAL *p = malloc(n * sizeof(REAL));
     if (!p) return -1;
-    memset(w, 0, sizeof *w);
-    w->cv = cv; w->cr = cr; w->d = d; w->g = g; w->bs = bs;
+    w->cv = cv; w->cr = cr; w->d = d;
 #define TAKE(x, k) (w->x = p, p += (k))
-    TAKE(Kb, cv * d); TAKE(Vb, cv * d); TAKE(Kt, cv * d); TAKE(XR, cv * 2 * d); TAKE(WU, cv * 2 * d);
-    TAKE(Vn, cv * d); TAKE(Lm, cv * cv); TAKE(Ai, cv * bs); TAKE(Qp, gr * d); TAKE(P, gr * cv); TAKE(Ob, gr * d);
-    TAKE(dOp, gr * d); TAKE(dOG, gr * d); TAKE(dP, gr * cv); TAKE(tmp, cv * d); TAKE(dWU, cv * 2 * d);
-    TAKE(XY, cv * 2 * d); TAKE(M2, cv * cv); TAKE(dK, cv * d); TAKE(dKt, cv * d);
-    TAKE(S, d * d); TAKE(Sn, d * d); TAKE(dS, d * d); TAKE(dSp, d * d); TAKE(dSin, d * d);
-    TAKE(gv, cv); TAKE(gam, cv); TAKE(Gam, cv); TAKE(Gami, cv); TAKE(wexp, cv); TAKE(dgam, cv);
+    TAKE(Kv, cv * d); TAKE(Ktv, cv * d); TAKE(Vh, cv * d); TAKE(Vtv, cv * d); TAKE(W, cv * d); TAKE(U, cv * d);
+    TAKE(Vn, cv * d); TAKE(dVn, cv * d); TAKE(dK, cv * d); TAKE(dKt, cv * d); TAKE(X, cv * d); TAKE(Y, cv * d);
+    TAKE(tmp, cv * d); TAKE(Lm, cv * cv); TAKE(M2, cv * cv); TAKE(P, cr * cv); TAKE(dP, cr * cv);
+    TAKE(QS, cr * d); TAKE(dO, cr * d); TAKE(S, d * d); TAKE(Sn, d * d); TAKE(dS, d * d); TAKE(dSp, d * d);
+    TAKE(dSin, d * d); TAKE(g, cv); TAKE(gam, cv); TAKE(Gam, cv); TAKE(dgam, cv); TAKE(wexp, cv);
 #undef TAKE
     return 0;
 }
@@ -104,8 +81,7 @@ static void SFX(expand_bwd)(REAL *dx, int64_t ld, const REAL *g, int64_t t, int6
 }
 
 /* Fill the chunk's virtual rows for real tokens [t0, t1) of the document
- * starting at s, in row b and kv head kvh: K, V (pointers into k, v for
- * n_h = 1), K̃, [ΓK̃ | Ṽ], g, γ, Γ, Γ⁻¹, e^{G-γ}. */
+ * starting at s, in row b and kv head kvh; then γ, Γ. */
 static void SFX(build)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *k, const REAL *v,
                        const REAL *beta, const REAL *log_alpha, int64_t b, int64_t kvh, int64_t s, int64_t t0,
                        int64_t t1) {
@@ -115,176 +91,77 @@ static void SFX(build)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg *c,
     int64_t cv = (t1 - t0) * n;
     w->cv = cv;
     w->cr = t1 - t0;
-    if (n == 1) {
-        w->Kv = kb + t0 * ld; w->ldk = ld;
-        w->Vh = vb + t0 * ld; w->ldv = ld;
-    } else {
-        for (int64_t r = 0; r < t1 - t0; r++)
-            for (int m = 0; m < n; m++) {
-                int64_t i = r * n + m;
-                SFX(expand)(w->Kb + i * d, kb, ld, t0 + r, s, m, (int)n, c->trick, d);
-                SFX(expand)(w->Vb + i * d, vb, ld, t0 + r, s, m, (int)n, c->trick, d);
-            }
-        w->Kv = w->Kb; w->ldk = d;
-        w->Vh = w->Vb; w->ldv = d;
-    }
-    int decay = 0;
-    for (int64_t r = 0; r < t1 - t0; r++)
-        for (int m = 0; m < n; m++) {
-            REAL gi = (m == 0 && log_alpha) ? log_alpha[(b * sd->T + t0 + r) * sd->Hkv + kvh] : 0;
-            w->gv[r * n + m] = gi;
-            decay |= gi != 0;
-        }
-    w->decay = decay;
-    REAL acc = 0, amax = 0;
-    for (int64_t i = 0; i < cv; i++) {
-        acc += w->gv[i];
-        w->gam[i] = acc;
-        REAL a = acc < 0 ? -acc : acc;
-        if (a > amax) amax = a;
-    }
-    w->safe = amax <= 60;
-    REAL Gl = w->gam[cv - 1];
-    for (int64_t i = 0; i < cv; i++) {
-        w->Gam[i] = decay ? EXPR(w->gam[i]) : 1;
-        w->Gami[i] = decay && w->safe ? EXPR(-w->gam[i]) : 1;
-        w->wexp[i] = decay ? EXPR(Gl - w->gam[i]) : 1;
-    }
     for (int64_t r = 0; r < t1 - t0; r++) {
-        const REAL *bt = bb + (t0 + r) * ld;
+        int64_t t = t0 + r;
+        const REAL *bt = bb + t * ld;
         for (int m = 0; m < n; m++) {
             int64_t i = r * n + m;
-            const REAL *kr = w->Kv + i * w->ldk, *vr = w->Vh + i * w->ldv;
-            REAL *kt = w->Kt + i * d, *xk = w->XR + i * 2 * d, *xv = xk + d, G = w->Gam[i];
-#pragma omp simd
+            REAL *kr = w->Kv + i * d, *vr = w->Vh + i * d;
+            SFX(expand)(kr, kb, ld, t, s, m, (int)n, c->trick, d);
+            SFX(expand)(vr, vb, ld, t, s, m, (int)n, c->trick, d);
             for (int64_t e = 0; e < d; e++) {
-                REAL t = bt[e] * kr[e];
-                kt[e] = t;
-                xk[e] = G * t;
-                xv[e] = bt[e] * vr[e];
+                w->Ktv[i * d + e] = bt[e] * kr[e];
+                w->Vtv[i * d + e] = bt[e] * vr[e];
+            }
+            w->g[i] = (m == 0 && log_alpha) ? log_alpha[(b * sd->T + t) * sd->Hkv + kvh] : 0;
+        }
+    }
+    REAL acc = 0;
+    for (int64_t i = 0; i < cv; i++) {
+        acc += w->g[i];
+        w->gam[i] = acc;
+        w->Gam[i] = EXPR(acc);
+    }
+}
+
+/* Forward of one chunk from entry state w->S: W, U, Vn, outputs of every
+ * query head of the group (when y != NULL), and exit state w->Sn. */
+static void SFX(chunk_fwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q, REAL *y,
+                           int64_t b, int64_t kvh, int64_t t0) {
+    int64_t d = sd->d, cv = w->cv, cr = w->cr, n = c->order, g = sd->H / sd->Hkv, ldq = sd->H * d;
+    const REAL *gam = w->gam;
+    /* L = strictly lower (K̃ Kᵀ) ⊙ e^{γi-γj} */
+    GEMM(0, 1, cv, cv, d, 1, w->Ktv, d, w->Kv, d, 0, w->Lm, cv);
+    for (int64_t i = 0; i < cv; i++)
+        for (int64_t j = 0; j < cv; j++)
+            w->Lm[i * cv + j] = j < i ? w->Lm[i * cv + j] * EXPR(gam[i] - gam[j]) : 0;
+    /* W = (I+L)^-1 diag(Γ) K̃, U = (I+L)^-1 Ṽ by forward substitution */
+    for (int64_t i = 0; i < cv; i++)
+        for (int64_t e = 0; e < d; e++) {
+            w->W[i * d + e] = w->Gam[i] * w->Ktv[i * d + e];
+            w->U[i * d + e] = w->Vtv[i * d + e];
+        }
+    TRSM(0, cv, d, w->Lm, cv, w->W, d);
+    TRSM(0, cv, d, w->Lm, cv, w->U, d);
+    /* Vn = U - W S */
+    memcpy(w->Vn, w->U, (size_t)(cv * d) * sizeof(REAL));
+    GEMM(0, 0, cv, d, d, -1, w->W, d, w->S, d, 1, w->Vn, d);
+    if (y) {
+        for (int64_t h = kvh * g; h < (kvh + 1) * g; h++) {
+            const REAL *qh = q + (b * sd->T + t0) * ldq + h * d;
+            REAL *yh = y + (b * sd->T + t0) * ldq + h * d;
+            GEMM(0, 0, cr, d, d, 1, qh, ldq, w->S, d, 0, w->QS, d);
+            GEMM(0, 1, cr, cv, d, 1, qh, ldq, w->Kv, d, 0, w->P, cv);
+            for (int64_t r = 0; r < cr; r++) {
+                int64_t i = r * n + n - 1;
+                for (int64_t j = 0; j < cv; j++)
+                    w->P[r * cv + j] = j <= i ? w->P[r * cv + j] * EXPR(gam[i] - gam[j]) : 0;
+            }
+            GEMM(0, 0, cr, d, cv, 1, w->P, cv, w->Vn, d, 0, yh, ldq);
+            for (int64_t r = 0; r < cr; r++) {
+                REAL G = w->Gam[r * n + n - 1];
+                for (int64_t e = 0; e < d; e++) yh[r * ldq + e] += G * w->QS[r * d + e];
             }
         }
     }
-}
-
-/* row i of a masked product: x_j *= D_ij for j < lim, 0 for lim <= j < ncols */
-static inline void SFX(mask_row)(const SFX(ws) *w, REAL *x, int64_t i, int64_t lim, int64_t ncols) {
-    if (!w->decay) {
-    } else if (w->safe) {
-        REAL G = w->Gam[i];
-        const REAL *gi = w->Gami;
-#pragma omp simd
-        for (int64_t j = 0; j < lim; j++) x[j] *= G * gi[j];
-    } else {
-        REAL gm = w->gam[i];
-        for (int64_t j = 0; j < lim; j++) x[j] *= EXPR(gm - w->gam[j]);
+    /* S' = e^G S + Kᵀ diag(e^{G-γ}) Vn */
+    REAL Gl = gam[cv - 1], eG = EXPR(Gl);
+    for (int64_t i = 0; i < cv; i++) {
+        w->wexp[i] = EXPR(Gl - gam[i]);
+        for (int64_t e = 0; e < d; e++) w->tmp[i * d + e] = w->wexp[i] * w->Vn[i * d + e];
     }
-#pragma omp simd
-    for (int64_t j = lim; j < ncols; j++) x[j] = 0;
-}
-
-static inline REAL SFX(dval)(const SFX(ws) *w, int64_t i, int64_t j) {
-    if (!w->decay) return 1;
-    if (w->safe) return w->Gam[i] * w->Gami[j];
-    return EXPR(w->gam[i] - w->gam[j]);
-}
-
-/* The chunk's state-independent part: L, the inverses of L's diagonal
- * blocks, [W | U] = (I + L)⁻¹ [ΓK̃ | Ṽ] (XR is consumed). */
-static void SFX(prep)(SFX(ws) *w) {
-    int64_t d = w->d, cv = w->cv, bs = w->bs, d2 = 2 * d;
-    GEMM(0, 1, cv, cv, d, 1, w->Kt, d, w->Kv, w->ldk, 0, w->Lm, cv);
-    for (int64_t i = 0; i < cv; i++) SFX(mask_row)(w, w->Lm + i * cv, i, i, cv);
-    for (int64_t I0 = 0; I0 < cv; I0 += bs) {
-        int64_t m = cv - I0 < bs ? cv - I0 : bs;
-        REAL *A = w->Ai + I0 * bs; /* block I: m × m, ld bs; A_i = e_i - Σ_{j<i} L_ij A_j */
-        const REAL *L = w->Lm + I0 * cv + I0;
-        for (int64_t i = 0; i < m; i++) {
-            REAL *a = A + i * bs;
-#pragma omp simd
-            for (int64_t x = 0; x < m; x++) a[x] = 0;
-            a[i] = 1;
-            for (int64_t j = 0; j < i; j++) {
-                REAL l = L[i * cv + j];
-                if (l == 0) continue;
-                const REAL *aj = A + j * bs;
-#pragma omp simd
-                for (int64_t x = 0; x <= j; x++) a[x] -= l * aj[x];
-            }
-        }
-        if (I0 > 0) GEMM(0, 0, m, d2, I0, -1, w->Lm + I0 * cv, cv, w->WU, d2, 1, w->XR + I0 * d2, d2);
-        GEMM(0, 0, m, d2, m, 1, A, bs, w->XR + I0 * d2, d2, 0, w->WU + I0 * d2, d2);
-    }
-}
-
-/* Vn = U - W S (S = NULL: zero state) */
-static void SFX(vnew)(SFX(ws) *w, const REAL *S) {
-    int64_t d = w->d, cv = w->cv;
-    for (int64_t i = 0; i < cv; i++) memcpy(w->Vn + i * d, w->WU + i * 2 * d + d, (size_t)d * sizeof(REAL));
-    if (S) GEMM(0, 0, cv, d, d, -1, w->WU, 2 * d, S, d, 1, w->Vn, d);
-}
-
-/* Sout = e^G S + Kᵀ diag(e^{G-γ}) Vn (S = NULL: zero state; Sout may be S) */
-static void SFX(next_state)(SFX(ws) *w, const REAL *S, REAL *Sout) {
-    int64_t d = w->d, cv = w->cv;
-    const REAL *vn = w->Vn;
-    if (w->decay) {
-        for (int64_t i = 0; i < cv; i++) {
-            REAL we = w->wexp[i], *o = w->tmp + i * d;
-            const REAL *x = w->Vn + i * d;
-#pragma omp simd
-            for (int64_t e = 0; e < d; e++) o[e] = we * x[e];
-        }
-        vn = w->tmp;
-    }
-    REAL eG = w->decay ? EXPR(w->gam[cv - 1]) : 1;
-    if (!S) {
-        GEMM(1, 0, d, d, cv, 1, w->Kv, w->ldk, vn, d, 0, Sout, d);
-        return;
-    }
-    if (Sout != S) memcpy(Sout, S, (size_t)(d * d) * sizeof(REAL));
-    GEMM(1, 0, d, d, cv, 1, w->Kv, w->ldk, vn, d, eG, Sout, d);
-}
-
-/* rows of the query heads of kv head kvh at tokens [t0, t0+cr) of row b:
- * a pointer and leading dimension, packed token-major (r·g + h) into buf
- * when g > 1 */
-static const REAL *SFX(group_rows)(const SFX(ws) *w, const tp_liza_dims *sd, const REAL *x, REAL *buf, int64_t b,
-                                   int64_t kvh, int64_t t0, int64_t *ldo) {
-    int64_t d = sd->d, g = w->g, ldq = sd->H * d;
-    const REAL *x0 = x + (b * sd->T + t0) * ldq + kvh * g * d;
-    if (g == 1) {
-        *ldo = ldq;
-        return x0;
-    }
-    for (int64_t r = 0; r < w->cr; r++) memcpy(buf + r * g * d, x0 + r * ldq, (size_t)(g * d) * sizeof(REAL));
-    *ldo = d;
-    return buf;
-}
-
-/* Outputs of the group's query heads: y = diag(Γ) Q S + (Q Kᵀ ⊙ D) Vn */
-static void SFX(outputs)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q, REAL *y,
-                         const REAL *S, int64_t b, int64_t kvh, int64_t t0) {
-    int64_t d = w->d, cv = w->cv, cr = w->cr, n = c->order, g = w->g, gr = g * cr, ldq = sd->H * d, lqp;
-    const REAL *qp = SFX(group_rows)(w, sd, q, w->Qp, b, kvh, t0, &lqp);
-    REAL *y0 = y + (b * sd->T + t0) * ldq + kvh * g * d, *ob = g == 1 ? y0 : w->Ob;
-    int64_t ldo = g == 1 ? ldq : d;
-    GEMM(0, 1, gr, cv, d, 1, qp, lqp, w->Kv, w->ldk, 0, w->P, cv);
-    for (int64_t rho = 0; rho < gr; rho++) {
-        int64_t i = (rho / g) * n + n - 1;
-        SFX(mask_row)(w, w->P + rho * cv, i, i + 1, cv);
-    }
-    if (S) {
-        GEMM(0, 0, gr, d, d, 1, qp, lqp, S, d, 0, ob, ldo);
-        if (w->decay)
-            for (int64_t rho = 0; rho < gr; rho++) {
-                REAL G = w->Gam[(rho / g) * n + n - 1];
-                for (int64_t e = 0; e < d; e++) ob[rho * ldo + e] *= G;
-            }
-    }
-    GEMM(0, 0, gr, d, cv, 1, w->P, cv, w->Vn, d, S ? 1 : 0, ob, ldo);
-    if (g > 1)
-        for (int64_t r = 0; r < cr; r++) memcpy(y0 + r * ldq, ob + r * g * d, (size_t)(g * d) * sizeof(REAL));
+    for (int64_t e = 0; e < d * d; e++) w->Sn[e] = eG * w->S[e];
+    GEMM(1, 0, d, d, cv, 1, w->Kv, d, w->tmp, d, 1, w->Sn, d);
 }
 
 static REAL SFX(gelu_tanh)(REAL x, REAL *deriv) {
@@ -333,7 +210,7 @@ int SFX(tp_liza_fwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q
 #pragma omp parallel reduction(| : fail)
     {
         SFX(ws) w;
-        if (SFX(ws_alloc)(&w, C, C * n, d, sd->H / Hkv)) fail = 1;
+        if (SFX(ws_alloc)(&w, C, C * n, d)) fail = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * Hkv; task++) {
             if (fail) continue;
@@ -344,19 +221,14 @@ int SFX(tp_liza_fwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q
             for (int64_t s = 0; s < T;) {
                 int64_t e = s + 1;
                 while (e < T && ds[e] == ds[s]) e++;
-                memset(st + ci * d * d, 0, (size_t)(d * d) * sizeof(REAL));
+                memset(w.S, 0, (size_t)(d * d) * sizeof(REAL));
                 for (int64_t t0 = s; t0 < e; t0 += C, ci++) {
                     int64_t t1 = t0 + C < e ? t0 + C : e;
-                    const REAL *S = t0 == s ? NULL : st + ci * d * d; /* the document's first state is 0 */
+                    memcpy(st + ci * d * d, w.S, (size_t)(d * d) * sizeof(REAL));
                     SFX(build)(&w, sd, c, k, v, beta, log_alpha, b, kvh, s, t0, t1);
-                    SFX(prep)(&w);
-                    SFX(vnew)(&w, S);
-                    SFX(outputs)(&w, sd, c, q, y, S, b, kvh, t0);
-                    if (t1 < e) { /* the next chunk's entry state */
-                        REAL *Sx = st + (ci + 1) * d * d;
-                        SFX(next_state)(&w, S, Sx);
-                        if (!c->linear && t1 - t0 == C) SFX(phi)(Sx, d);
-                    }
+                    SFX(chunk_fwd)(&w, sd, c, q, y, b, kvh, t0);
+                    memcpy(w.S, w.Sn, (size_t)(d * d) * sizeof(REAL));
+                    if (!c->linear && t1 - t0 == C && t1 < e) SFX(phi)(w.S, d);
                 }
                 s = e;
             }
@@ -387,24 +259,24 @@ int SFX(tp_liza_fwd_seg)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REA
 #pragma omp parallel reduction(| : fail)
     {
         SFX(ws) w;
-        if (SFX(ws_alloc)(&w, cr, cr * n, d, sd->H / Hkv)) fail = 1;
+        if (SFX(ws_alloc)(&w, cr, cr * n, d)) fail = 1;
 #pragma omp for schedule(static)
         for (int64_t kvh = 0; kvh < Hkv; kvh++) {
             if (fail) continue;
             REAL *st = S + kvh * d * d;
+            memcpy(w.S, st, (size_t)(d * d) * sizeof(REAL));
             int64_t p = pos0;
-            if (!c->linear && p > 0 && p % C == 0) SFX(phi)(st, d);
+            if (!c->linear && p > 0 && p % C == 0) SFX(phi)(w.S, d);
             for (int64_t t0 = first; t0 < T;) {
                 int64_t len = C - p % C, t1 = t0 + len < T ? t0 + len : T;
                 SFX(build)(&w, sd, c, k, v, beta, log_alpha, 0, kvh, 0, t0, t1);
-                SFX(prep)(&w);
-                SFX(vnew)(&w, st);
-                SFX(outputs)(&w, sd, c, q, y, st, 0, kvh, t0);
-                SFX(next_state)(&w, st, st);
+                SFX(chunk_fwd)(&w, sd, c, q, y, 0, kvh, t0);
+                memcpy(w.S, w.Sn, (size_t)(d * d) * sizeof(REAL));
                 p += t1 - t0;
-                if (!c->linear && p % C == 0 && t1 < T) SFX(phi)(st, d);
+                if (!c->linear && p % C == 0 && t1 < T) SFX(phi)(w.S, d);
                 t0 = t1;
             }
+            memcpy(st, w.S, (size_t)(d * d) * sizeof(REAL));
         }
         SFX(ws_free)(&w);
     }
@@ -412,156 +284,104 @@ int SFX(tp_liza_fwd_seg)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REA
     return TP_OK;
 }
 
-/* Backward of one chunk: w holds the recomputed forward (prep, vnew) for
- * entry state S (NULL: zero); dSp is the gradient of its exit state (NULL:
- * zero, the document's last chunk). Writes the gradient of the entry state
- * to dSin and the real tokens' gradients (overwritten for n_h = 1,
- * accumulated otherwise). */
+/* Backward of one chunk (w holds the recomputed forward, w->dSp the
+ * gradient of its exit state); fills w->dSin and accumulates the real-token
+ * gradients. */
 static void SFX(chunk_bwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q, const REAL *dy,
-                           const REAL *beta, const REAL *S, const REAL *dSp, REAL *dSin, REAL *dq, REAL *dk,
-                           REAL *dv, REAL *dbeta, REAL *dla, int64_t b, int64_t kvh, int64_t s, int64_t t0) {
-    int64_t d = sd->d, cv = w->cv, cr = w->cr, n = c->order, g = w->g, gr = g * cr, ldq = sd->H * d, d2 = 2 * d;
+                           const REAL *beta, REAL *dq, REAL *dk, REAL *dv, REAL *dbeta, REAL *dla, int64_t b,
+                           int64_t kvh, int64_t s, int64_t t0) {
+    int64_t d = sd->d, cv = w->cv, cr = w->cr, n = c->order, g = sd->H / sd->Hkv, ldq = sd->H * d;
     int64_t ld = sd->Hkv * d;
-    int ndg = dla != NULL;
-    REAL *gam = w->gam, *dgam = w->dgam, eG = w->decay ? EXPR(gam[cv - 1]) : 1;
-    REAL *dVn = w->dWU + d; /* right half of [dW | dU], ld 2d */
-    double dG = 0;
-    for (int64_t i = 0; i < cv; i++) dgam[i] = 0;
+    REAL *gam = w->gam, *dgam = w->dgam, Gl = gam[cv - 1], eG = EXPR(Gl);
     /* S' = e^G S + Kᵀ diag(e^{G-γ}) Vn */
-    if (dSp) {
-        GEMM(0, 0, cv, d, d, 1, w->Kv, w->ldk, dSp, d, 0, dVn, d2); /* K dS' */
-        GEMM(0, 1, cv, d, d, 1, w->Vn, d, dSp, d, 0, w->dK, d);     /* Vn dS'ᵀ */
-        if (w->decay)
-            for (int64_t i = 0; i < cv; i++)
-                for (int64_t e = 0; e < d; e++) {
-                    dVn[i * d2 + e] *= w->wexp[i];
-                    w->dK[i * d + e] *= w->wexp[i];
-                }
-        if (ndg) {
-            if (S)
-                for (int64_t e = 0; e < d * d; e++) dG += (double)S[e] * dSp[e];
-            dG *= eG;
-            for (int64_t i = 0; i < cv; i++) {
-                double t = 0;
-                for (int64_t e = 0; e < d; e++) t += (double)dVn[i * d2 + e] * w->Vn[i * d + e];
-                dG += t;
-                dgam[i] = (REAL)-t;
-            }
+    GEMM(0, 0, cv, d, d, 1, w->Kv, d, w->dSp, d, 0, w->dVn, d); /* K dS' */
+    GEMM(0, 1, cv, d, d, 1, w->Vn, d, w->dSp, d, 0, w->dK, d);  /* Vn dS'ᵀ */
+    double dG = 0;
+    for (int64_t e = 0; e < d * d; e++) dG += (double)w->S[e] * w->dSp[e];
+    dG *= eG;
+    for (int64_t i = 0; i < cv; i++) {
+        double t = 0;
+        for (int64_t e = 0; e < d; e++) {
+            w->dVn[i * d + e] *= w->wexp[i];
+            w->dK[i * d + e] *= w->wexp[i];
+            t += (double)w->dVn[i * d + e] * w->Vn[i * d + e];
         }
-#pragma omp simd
-        for (int64_t e = 0; e < d * d; e++) dSin[e] = eG * dSp[e];
-    } else {
-        for (int64_t i = 0; i < cv; i++) memset(dVn + i * d2, 0, (size_t)d * sizeof(REAL));
-        memset(w->dK, 0, (size_t)(cv * d) * sizeof(REAL));
-        memset(dSin, 0, (size_t)(d * d) * sizeof(REAL));
+        dG += t;
+        dgam[i] = (REAL)-t;
     }
-    /* outputs of the group's query heads, rows r·g + h */
-    int64_t lqp, ldo;
-    const REAL *qp = SFX(group_rows)(w, sd, q, w->Qp, b, kvh, t0, &lqp);
-    const REAL *dop = SFX(group_rows)(w, sd, dy, w->dOp, b, kvh, t0, &ldo);
-    const REAL *dog = dop;
-    int64_t ldg = ldo;
-    if (w->decay) {
-        for (int64_t rho = 0; rho < gr; rho++) {
-            REAL G = w->Gam[(rho / g) * n + n - 1];
-            for (int64_t e = 0; e < d; e++) w->dOG[rho * d + e] = G * dop[rho * ldo + e];
-        }
-        dog = w->dOG;
-        ldg = d;
-    }
-    GEMM(0, 1, gr, cv, d, 1, qp, lqp, w->Kv, w->ldk, 0, w->P, cv);
-    GEMM(0, 1, gr, cv, d, 1, dop, ldo, w->Vn, d, 0, w->dP, cv);
-    if (ndg && S) { /* dγ_i += Γ_i <Q S, dO> */
-        GEMM(0, 0, gr, d, d, 1, qp, lqp, S, d, 0, w->Ob, d);
-        for (int64_t rho = 0; rho < gr; rho++) {
-            int64_t i = (rho / g) * n + n - 1;
-            double qsd = 0;
-            for (int64_t e = 0; e < d; e++) qsd += (double)w->Ob[rho * d + e] * dop[rho * ldo + e];
-            dgam[i] += w->Gam[i] * (REAL)qsd;
-        }
-    }
-    for (int64_t rho = 0; rho < gr; rho++) {
-        int64_t i = (rho / g) * n + n - 1;
-        REAL *pr = w->P + rho * cv, *dpr = w->dP + rho * cv;
-        if (ndg) {
+    for (int64_t e = 0; e < d * d; e++) w->dSin[e] = eG * w->dSp[e];
+    /* outputs of every query head of the group */
+    for (int64_t h = kvh * g; h < (kvh + 1) * g; h++) {
+        const REAL *qh = q + (b * sd->T + t0) * ldq + h * d;
+        const REAL *dyh = dy + (b * sd->T + t0) * ldq + h * d;
+        REAL *dqh = dq + (b * sd->T + t0) * ldq + h * d;
+        GEMM(0, 0, cr, d, d, 1, qh, ldq, w->S, d, 0, w->QS, d);
+        GEMM(0, 1, cr, cv, d, 1, qh, ldq, w->Kv, d, 0, w->P, cv);
+        GEMM(0, 1, cr, cv, d, 1, dyh, ldq, w->Vn, d, 0, w->dP, cv);
+        for (int64_t r = 0; r < cr; r++) {
+            int64_t i = r * n + n - 1;
             double rs = 0;
-            for (int64_t j = 0; j <= i; j++) {
-                REAL D = SFX(dval)(w, i, j);
-                pr[j] *= D;
-                REAL cc = dpr[j] * pr[j];
+            for (int64_t j = 0; j < cv; j++) {
+                if (j > i) { w->P[r * cv + j] = 0; w->dP[r * cv + j] = 0; continue; }
+                REAL D = EXPR(gam[i] - gam[j]);
+                w->P[r * cv + j] *= D;
+                REAL cc = w->dP[r * cv + j] * w->P[r * cv + j];
                 rs += cc;
                 dgam[j] -= cc;
-                dpr[j] *= D;
+                w->dP[r * cv + j] *= D;
             }
             dgam[i] += (REAL)rs;
-            for (int64_t j = i + 1; j < cv; j++) pr[j] = dpr[j] = 0;
-        } else {
-            SFX(mask_row)(w, pr, i, i + 1, cv);
-            SFX(mask_row)(w, dpr, i, i + 1, cv);
+            REAL G = w->Gam[i];
+            double qsd = 0;
+            for (int64_t e = 0; e < d; e++) {
+                qsd += (double)w->QS[r * d + e] * dyh[r * ldq + e];
+                w->dO[r * d + e] = G * dyh[r * ldq + e];
+            }
+            dgam[i] += G * (REAL)qsd;
         }
+        GEMM(1, 0, cv, d, cr, 1, w->P, cv, dyh, ldq, 1, w->dVn, d);          /* dVn += Pᵀ dO */
+        GEMM(0, 1, cr, d, d, 1, w->dO, d, w->S, d, 0, dqh, ldq);              /* dQ = diag(Γ) dO Sᵀ */
+        GEMM(0, 0, cr, d, cv, 1, w->dP, cv, w->Kv, d, 1, dqh, ldq);           /*   + (dP⊙D) K */
+        GEMM(1, 0, cv, d, cr, 1, w->dP, cv, qh, ldq, 1, w->dK, d);            /* dK += (dP⊙D)ᵀ Q */
+        GEMM(1, 0, d, d, cr, 1, qh, ldq, w->dO, d, 1, w->dSin, d);            /* dS += Qᵀ diag(Γ) dO */
     }
-    GEMM(1, 0, cv, d, gr, 1, w->P, cv, dop, ldo, 1, dVn, d2); /* dVn += Pᵀ dO */
-    REAL *dq0 = dq + (b * sd->T + t0) * ldq + kvh * g * d, *dqb = g == 1 ? dq0 : w->Ob;
-    int64_t lddq = g == 1 ? ldq : d;
-    if (S) GEMM(0, 1, gr, d, d, 1, dog, ldg, S, d, 0, dqb, lddq);     /* dQ = diag(Γ) dO Sᵀ */
-    GEMM(0, 0, gr, d, cv, 1, w->dP, cv, w->Kv, w->ldk, S ? 1 : 0, dqb, lddq); /*   + (dP⊙D) K */
-    if (g > 1)
-        for (int64_t r = 0; r < cr; r++) memcpy(dq0 + r * ldq, dqb + r * g * d, (size_t)(g * d) * sizeof(REAL));
-    GEMM(1, 0, cv, d, gr, 1, w->dP, cv, qp, lqp, 1, w->dK, d);   /* dK += (dP⊙D)ᵀ Q */
-    GEMM(1, 0, d, d, gr, 1, qp, lqp, dog, ldg, 1, dSin, d);      /* dS += Qᵀ diag(Γ) dO */
-    /* Vn = U - W S: dW = -dVn Sᵀ, dU = dVn, dS -= Wᵀ dVn */
-    if (S) GEMM(0, 1, cv, d, d, -1, dVn, d2, S, d, 0, w->dWU, d2);
-    else
-        for (int64_t i = 0; i < cv; i++) memset(w->dWU + i * d2, 0, (size_t)d * sizeof(REAL));
-    GEMM(1, 0, d, d, cv, -1, w->WU, d2, dVn, d2, 1, dSin, d);
-    /* [X | Y] = (I + L)⁻ᵀ [dW | dU], blockwise from the last block */
-    int64_t bs = w->bs, nb = (cv + bs - 1) / bs;
-    for (int64_t bi = nb - 1; bi >= 0; bi--) {
-        int64_t I0 = bi * bs, m = cv - I0 < bs ? cv - I0 : bs, I1 = I0 + m;
-        if (I1 < cv) GEMM(1, 0, m, d2, cv - I1, -1, w->Lm + I1 * cv + I0, cv, w->XY + I1 * d2, d2, 1,
-                          w->dWU + I0 * d2, d2);
-        GEMM(1, 0, m, d2, m, 1, w->Ai + I0 * bs, bs, w->dWU + I0 * d2, d2, 0, w->XY + I0 * d2, d2);
-    }
-    /* W = A diag(Γ) K̃: dK̃ = Γ X, dγ_i += Γ_i <K̃_i, X_i> */
+    /* Vn = U - W S */
+    GEMM(0, 1, cv, d, d, -1, w->dVn, d, w->S, d, 0, w->X, d);                 /* dW = -dVn Sᵀ */
+    GEMM(1, 0, d, d, cv, -1, w->W, d, w->dVn, d, 1, w->dSin, d);              /* dS -= Wᵀ dVn */
+    memcpy(w->Y, w->dVn, (size_t)(cv * d) * sizeof(REAL));                    /* dU = dVn */
+    /* through the inverse: X = Aᵀ dW, Y = Aᵀ dU */
+    TRSM(1, cv, d, w->Lm, cv, w->X, d);
+    TRSM(1, cv, d, w->Lm, cv, w->Y, d);
     for (int64_t i = 0; i < cv; i++) {
-        const REAL *x = w->XY + i * d2, *kt = w->Kt + i * d;
-        REAL G = w->Gam[i], *o = w->dKt + i * d;
-#pragma omp simd
-        for (int64_t e = 0; e < d; e++) o[e] = G * x[e];
-        if (ndg) {
-            double t = 0;
-            for (int64_t e = 0; e < d; e++) t += (double)kt[e] * x[e];
-            dgam[i] += G * (REAL)t;
+        double t = 0;
+        for (int64_t e = 0; e < d; e++) {
+            t += (double)w->Ktv[i * d + e] * w->X[i * d + e];
+            w->dKt[i * d + e] = w->Gam[i] * w->X[i * d + e];
         }
+        dgam[i] += w->Gam[i] * (REAL)t;
     }
     /* dL = -(X Wᵀ + Y Uᵀ), strictly lower, then through L = (K̃ Kᵀ) ⊙ E */
-    GEMM(0, 1, cv, cv, d2, -1, w->XY, d2, w->WU, d2, 0, w->M2, cv);
+    GEMM(0, 1, cv, cv, d, -1, w->X, d, w->W, d, 0, w->M2, cv);
+    GEMM(0, 1, cv, cv, d, -1, w->Y, d, w->U, d, 1, w->M2, cv);
     for (int64_t i = 0; i < cv; i++) {
-        REAL *mr = w->M2 + i * cv;
-        if (ndg) {
-            const REAL *lr = w->Lm + i * cv;
-            double rs = 0;
-            for (int64_t j = 0; j < i; j++) {
-                REAL dl = mr[j], cc = dl * lr[j];
-                rs += cc;
-                dgam[j] -= cc;
-                mr[j] = dl * SFX(dval)(w, i, j);
-            }
-            dgam[i] += (REAL)rs;
-            for (int64_t j = i; j < cv; j++) mr[j] = 0;
-        } else {
-            SFX(mask_row)(w, mr, i, i, cv);
+        double rs = 0;
+        for (int64_t j = 0; j < cv; j++) {
+            if (j >= i) { w->M2[i * cv + j] = 0; continue; }
+            REAL dl = w->M2[i * cv + j], cc = dl * w->Lm[i * cv + j];
+            rs += cc;
+            dgam[j] -= cc;
+            w->M2[i * cv + j] = dl * EXPR(gam[i] - gam[j]);
         }
+        dgam[i] += (REAL)rs;
     }
-    GEMM(0, 0, cv, d, cv, 1, w->M2, cv, w->Kv, w->ldk, 1, w->dKt, d);
-    GEMM(1, 0, cv, d, cv, 1, w->M2, cv, w->Kt, d, 1, w->dK, d);
-    if (ndg) { /* γ = cumsum(g): dg_i = Σ_{j>=i} dγ_j, with G = γ_last */
-        dgam[cv - 1] += (REAL)dG;
-        REAL acc = 0;
-        for (int64_t i = cv - 1; i >= 0; i--) {
-            acc += dgam[i];
-            dgam[i] = acc;
-        }
+    GEMM(0, 0, cv, d, cv, 1, w->M2, cv, w->Kv, d, 1, w->dKt, d);
+    GEMM(1, 0, cv, d, cv, 1, w->M2, cv, w->Ktv, d, 1, w->dK, d);
+    /* γ = cumsum(g): dg_i = Σ_{j>=i} dγ_j, with G = γ_last */
+    dgam[cv - 1] += (REAL)dG;
+    REAL acc = 0;
+    for (int64_t i = cv - 1; i >= 0; i--) {
+        acc += dgam[i];
+        dgam[i] = acc;
     }
     /* back to real tokens: through β ⊙ (.), the trick, and log α */
     REAL *dkb = dk + b * sd->T * ld + kvh * d, *dvb = dv + b * sd->T * ld + kvh * d;
@@ -571,25 +391,12 @@ static void SFX(chunk_bwd)(SFX(ws) *w, const tp_liza_dims *sd, const tp_liza_cfg
         int64_t t = t0 + r;
         const REAL *bt = bb + t * ld;
         REAL *dbt = dbb + t * ld;
-        if (n == 1) { /* slot 0 is the identity for every trick: write in place */
-            const REAL *dkt = w->dKt + r * d, *dvt = w->XY + r * d2 + d, *dkr = w->dK + r * d;
-            const REAL *kr = w->Kv + r * w->ldk, *vr = w->Vh + r * w->ldv;
-            REAL *dkd = dkb + t * ld, *dvd = dvb + t * ld;
-#pragma omp simd
-            for (int64_t e = 0; e < d; e++) {
-                dbt[e] = dkt[e] * kr[e] + dvt[e] * vr[e];
-                dkd[e] = dkr[e] + dkt[e] * bt[e];
-                dvd[e] = dvt[e] * bt[e];
-            }
-            if (dla) dla[(b * sd->T + t) * sd->Hkv + kvh] = dgam[r];
-            continue;
-        }
         for (int m = 0; m < n; m++) {
             int64_t i = r * n + m;
             REAL *gk = w->tmp, *gv = w->tmp + d;
             for (int64_t e = 0; e < d; e++) {
-                REAL dkt = w->dKt[i * d + e], dvt = w->XY[i * d2 + d + e];
-                dbt[e] += dkt * w->Kv[i * w->ldk + e] + dvt * w->Vh[i * w->ldv + e];
+                REAL dkt = w->dKt[i * d + e], dvt = w->Y[i * d + e];
+                dbt[e] += dkt * w->Kv[i * d + e] + dvt * w->Vh[i * d + e];
                 gk[e] = w->dK[i * d + e] + dkt * bt[e];
                 gv[e] = dvt * bt[e];
             }
@@ -612,19 +419,18 @@ int SFX(tp_liza_bwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q
 #pragma omp parallel reduction(| : fail)
     {
         SFX(ws) w;
-        if (SFX(ws_alloc)(&w, C, C * n, d, sd->H / Hkv)) fail = 1;
+        if (SFX(ws_alloc)(&w, C, C * n, d)) fail = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * Hkv; task++) {
             if (fail) continue;
             int64_t b = task / Hkv, kvh = task % Hkv;
-            if (n > 1)
-                for (int64_t t = 0; t < T; t++) { /* this task owns these gradient slices */
-                    size_t o = (size_t)((b * T + t) * ld + kvh * d);
-                    memset(dk + o, 0, (size_t)d * sizeof(REAL));
-                    memset(dv + o, 0, (size_t)d * sizeof(REAL));
-                    memset(dbeta + o, 0, (size_t)d * sizeof(REAL));
-                    if (dla) dla[(b * T + t) * Hkv + kvh] = 0;
-                }
+            for (int64_t t = 0; t < T; t++) { /* this task owns these gradient slices */
+                size_t o = (size_t)((b * T + t) * ld + kvh * d);
+                memset(dk + o, 0, (size_t)d * sizeof(REAL));
+                memset(dv + o, 0, (size_t)d * sizeof(REAL));
+                memset(dbeta + o, 0, (size_t)d * sizeof(REAL));
+                if (dla) dla[(b * T + t) * Hkv + kvh] = 0;
+            }
             const int32_t *ds = doc_start + b * T;
             int64_t nc = base[b + 1] - base[b];
             const REAL *st = states + (base[b] * Hkv + kvh * nc) * d * d;
@@ -633,23 +439,17 @@ int SFX(tp_liza_bwd)(const tp_liza_dims *sd, const tp_liza_cfg *c, const REAL *q
             for (int64_t e = T; e > 0;) {
                 int64_t s = ds[e - 1];
                 int64_t nch = (e - s + C - 1) / C;
-                REAL *dS = NULL; /* the final state is not used */
+                memset(w.dS, 0, (size_t)(d * d) * sizeof(REAL)); /* the final state is not used */
                 for (int64_t k0 = nch - 1; k0 >= 0; k0--) {
                     int64_t t0 = s + k0 * C, t1 = t0 + C < e ? t0 + C : e;
                     ci--;
-                    const REAL *S = k0 == 0 ? NULL : st + ci * d * d;
+                    memcpy(w.S, st + ci * d * d, (size_t)(d * d) * sizeof(REAL));
                     SFX(build)(&w, sd, c, k, v, beta, log_alpha, b, kvh, s, t0, t1);
-                    SFX(prep)(&w);
-                    SFX(vnew)(&w, S);
-                    const REAL *dSp = dS;
-                    if (dS && !c->linear && t1 - t0 == C) {
-                        SFX(next_state)(&w, S, w.Sn);
-                        SFX(phi_bwd)(w.dSp, w.Sn, dS, d);
-                        dSp = w.dSp;
-                    }
-                    REAL *dSin = dS == w.dS ? w.dSin : w.dS;
-                    SFX(chunk_bwd)(&w, sd, c, q, dy, beta, S, dSp, dSin, dq, dk, dv, dbeta, dla, b, kvh, s, t0);
-                    dS = dSin;
+                    SFX(chunk_fwd)(&w, sd, c, q, NULL, b, kvh, t0);
+                    if (!c->linear && t1 - t0 == C && t1 < e) SFX(phi_bwd)(w.dSp, w.Sn, w.dS, d);
+                    else memcpy(w.dSp, w.dS, (size_t)(d * d) * sizeof(REAL));
+                    SFX(chunk_bwd)(&w, sd, c, q, dy, beta, dq, dk, dv, dbeta, dla, b, kvh, s, t0);
+                    memcpy(w.dS, w.dSin, (size_t)(d * d) * sizeof(REAL));
                 }
                 e = s;
             }
