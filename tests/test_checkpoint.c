@@ -487,7 +487,9 @@ static void test_no_checkpoint(void) {
     CHECK(tp_ckpt_verify(p, &err) != TP_OK && strstr(err.msg, "nonexistent"));
 }
 
-/* Only full-weight trainables: adapter_model.safetensors without tensors. */
+/* Only full-weight trainables: no PEFT adapter files at all (MANIFEST
+ * without them), and a MANIFEST listing one adapter file without the other
+ * is refused. */
 static void test_no_lora(tp_hf_model *hf) {
     tp_decoder_opts o = opts_for(3);
     o.trainable = TP_TRAIN_PROJECTIONS;
@@ -511,6 +513,21 @@ static void test_no_lora(tp_hf_model *hf) {
         CHECK_MSG(rc == TP_OK && holds(m2, am, av, 32), "%s", err.msg);
         snprintf(out, sizeof out, "%s/checkpoints/step-00000031", run);
         CHECK_MSG(is_dir(out), "keep=0 keeps everything");
+        char p[700], man[4096];
+        struct stat sb;
+        snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
+        CHECK_MSG(stat(p, &sb) != 0, "no adapter_model.safetensors without LoRA");
+        snprintf(p, sizeof p, "%s/adapter_config.json", out);
+        CHECK_MSG(stat(p, &sb) != 0, "no adapter_config.json without LoRA");
+        snprintf(p, sizeof p, "%s/MANIFEST", out);
+        CHECK(read_text(p, man, sizeof man) > 0 && !strstr(man, "adapter"));
+        /* a MANIFEST naming adapter_config.json alone */
+        char forged[4200];
+        snprintf(forged, sizeof forged, "2 0000000000000000 adapter_config.json\n%s", man);
+        write_text(p, forged);
+        rc = tp_ckpt_verify(out, &err);
+        CHECK_MSG(rc != TP_OK && strstr(err.msg, "lists adapter_config.json but not adapter_model.safetensors"), "%s",
+                  err.msg);
         free(am);
         free(av);
     }

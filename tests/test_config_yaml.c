@@ -910,6 +910,95 @@ static void test_mutations(void) {
     free(buf);
 }
 
+/* ---- eval.*, schedule.epochs, model.hub_id --------------------------------- */
+
+static void test_eval_epochs(void) {
+    tp_train_cfg c;
+    tp_err err = {0};
+    char text[2048];
+    snprintf(text, sizeof text,
+             "model: {path: %s, hub_id: org/base-1B}\nrun: {dir: %s}\ndata: {path: %s}\nbatch: {global: 8}\n"
+             "schedule: {epochs: 2.5}\neval: {split: 0.05, every: 10, max_rows: 7}\n",
+             model_dir, run_dir, data_file);
+    int rc = tp_train_cfg_load(put_s("ev.yaml", text), &c, &err);
+    CHECK_MSG(rc == TP_OK, "%s", err.msg);
+    CHECK(c.epochs == 2.5 && c.sched.total_steps == 0 && c.eval.split == 0.05 && c.eval.every == 10 &&
+          c.eval.max_rows == 7 && !c.eval.path[0] && !strcmp(c.hub_id, "org/base-1B"));
+    rc = tp_train_cfg_check(&c, 2, &err);
+    CHECK_MSG(rc == TP_OK, "%s", err.msg);
+    /* total_steps = ceil(epochs * rows / global) */
+    CHECK(tp_train_cfg_total_steps(&c, 100) == 32); /* 2.5 * 100 / 8 = 31.25 */
+    CHECK(tp_train_cfg_total_steps(&c, 1) == 1);
+    /* the resume digest holds what decides total_steps and the training rows */
+    char *j = tp_train_cfg_resume_json(&c);
+    CHECK_MSG(j && has(j, "\"schedule\":{\"epochs\":2.5}") && has(j, "\"eval\":{\"split\":0.05}"), "%s", j ? j : "");
+    free(j);
+    tp_train_cfg t = c;
+    t.epochs = 0;
+    t.sched.total_steps = 10;
+    t.eval.split = 0;
+    t.eval.every = t.eval.max_rows = 0;
+    j = tp_train_cfg_resume_json(&t);
+    CHECK_MSG(j && !has(j, "epochs") && !has(j, "eval"), "%s", j ? j : ""); /* older checkpoints keep resuming */
+    free(j);
+    /* --set of one replaces the other */
+    CHECK(tp_train_cfg_set(&c, "schedule.total_steps=40", &err) == TP_OK && c.epochs == 0 && c.sched.total_steps == 40);
+    CHECK(tp_train_cfg_set(&c, "schedule.epochs=1", &err) == TP_OK && c.epochs == 1 && c.sched.total_steps == 0);
+    CHECK(tp_train_cfg_total_steps(&c, 20) == 3);
+    CHECK(tp_train_cfg_set(&c, "eval.path=", &err) == TP_OK && !c.eval.path[0]);
+    rc = tp_train_cfg_set(&c, "eval.split=1", &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "--set eval.split: expected a number in (0, 1), got '1'"), "%s", err.msg);
+    rc = tp_train_cfg_set(&c, "schedule.epochs=0", &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "schedule.epochs: expected a number in (0, 1e+09]"), "%s", err.msg);
+    /* file: both schedule keys, both eval sources */
+    snprintf(text, sizeof text,
+             "model: {path: /m}\nrun: {dir: /r}\ndata: {path: /d}\nbatch: {global: 8}\n"
+             "schedule:\n  total_steps: 5\n  epochs: 2\n");
+    rc = tp_train_cfg_load(put_s("ev.yaml", text), &c, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, ":7: schedule.epochs: expected either schedule.total_steps (line 6)"),
+              "%s", err.msg);
+    snprintf(text, sizeof text,
+             "model: {path: /m}\nrun: {dir: /r}\ndata: {path: /d}\nbatch: {global: 8}\nschedule: {epochs: 2}\n"
+             "eval:\n  path: /e\n  split: 0.1\n");
+    rc = tp_train_cfg_load(put_s("ev.yaml", text), &c, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, ":8: eval.split: expected either eval.path (line 7) or eval.split"), "%s",
+              err.msg);
+    snprintf(text, sizeof text, "model: {path: /m}\nrun: {dir: /r}\ndata: {path: /d}\nbatch: {global: 8}\n");
+    rc = tp_train_cfg_load(put_s("ev.yaml", text), &c, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "missing required key 'schedule.total_steps' (or 'schedule.epochs')"), "%s",
+              err.msg);
+    snprintf(text, sizeof text, "eval:\n  evry: 3\n");
+    rc = tp_train_cfg_load(put_s("ev.yaml", text), &c, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "unknown key 'eval.evry' (expected one of: path, split, every, max_rows)"),
+              "%s", err.msg);
+    /* cross checks */
+    tp_train_cfg_default(&c);
+    snprintf(c.model_path, sizeof c.model_path, "%s", model_dir);
+    snprintf(c.run_dir, sizeof c.run_dir, "%s", run_dir);
+    snprintf(c.data.path, sizeof c.data.path, "%s", data_file);
+    c.global_batch = 8;
+    c.epochs = 1;
+    c.sched.total_steps = 3;
+    rc = tp_train_cfg_check(&c, 1, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "set one of them, not both"), "%s", err.msg);
+    c.sched.total_steps = 0;
+    c.sched.warmup_steps = 50; /* unknown total: checked by the trainer once the rows are known */
+    rc = tp_train_cfg_check(&c, 1, &err);
+    CHECK_MSG(rc == TP_OK, "%s", err.msg);
+    c.eval.every = 5;
+    rc = tp_train_cfg_check(&c, 1, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "eval.every: set, but there is nothing to evaluate"), "%s", err.msg);
+    snprintf(c.eval.path, sizeof c.eval.path, "%s/none.tok", tmpdir);
+    rc = tp_train_cfg_check(&c, 1, &err);
+    CHECK_MSG(rc != TP_OK && has(err.msg, "eval.path: ") && has(err.msg, "no such file"), "%s", err.msg);
+    snprintf(c.eval.path, sizeof c.eval.path, "%s", data_file);
+    rc = tp_train_cfg_check(&c, 1, &err);
+    CHECK_MSG(rc == TP_OK, "%s", err.msg);
+    char p[400];
+    snprintf(p, sizeof p, "%s/ev.yaml", tmpdir);
+    unlink(p);
+}
+
 int main(void) {
     const char *t = getenv("TMPDIR");
     snprintf(tmpdir, sizeof tmpdir, "%s/tptt-cfg-XXXXXX", t && *t ? t : "/tmp");
@@ -930,6 +1019,7 @@ int main(void) {
     test_check();
     test_resume_json();
     test_mutations();
+    test_eval_epochs();
 
     /* clean up the temp dir (files this test wrote) */
     char p[400];

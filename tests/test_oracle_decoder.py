@@ -24,7 +24,7 @@ projections; gradients of mag_logit compared), gradual (mid, past the end) and
 cyclic schedules, additive and cross gate, base_scale_attn, the pure-linear
 model (mu0 = 1, no cross gate), recompute, every architecture. Checked on top:
 the metadata's liza/mag fields (recurrent_config = the preset table with the
-overrides, operator_mode, max_chunk_size, mag_mu = the schedule at mag_step,
+overrides, operator_mode, max_chunk_size, mag_weight = the schedule at mag_step (mag_mu0 its start),
 ...), the mag_logit init logit(mu0), and sensitivity: switching LiZA off
 (= mag.mu0=0) and each LiZA feature in use (document resets, phi, decay,
 order, trick, beta gate, pooling, cross gate, base_scale_attn) must move the
@@ -361,9 +361,11 @@ def check_liza_meta(name, sets, conf, cfg):
     check(conf.get("base_scale_attn") is lz.base_scale_attn, "%s: base_scale_attn %r" % (name, conf.get("base_scale_attn")))
     check(conf.get("cross_gate") is lz.cross_gate, "%s: cross_gate %r" % (name, conf.get("cross_gate")))
     check(conf.get("mag_mode") == lz.mag_mode, "%s: mag_mode %r want %s" % (name, conf.get("mag_mode"), lz.mag_mode))
-    check(close(conf.get("mag_weight"), lz.mu0), "%s: mag_weight %r want %g" % (name, conf.get("mag_weight"), lz.mu0))
-    check(close(conf.get("mag_mu"), lz.mu()), "%s: mag_mu %r want %g (the schedule at step %d)"
-          % (name, conf.get("mag_mu"), lz.mu(), lz.step))
+    # one mu with one meaning: mag_weight = the mu at mag_step, mag_mu0 = the schedule's start
+    check(close(conf.get("mag_mu0"), lz.mu0), "%s: mag_mu0 %r want %g" % (name, conf.get("mag_mu0"), lz.mu0))
+    check(close(conf.get("mag_weight"), lz.mu()), "%s: mag_weight %r want %g (the schedule at step %d)"
+          % (name, conf.get("mag_weight"), lz.mu(), lz.step))
+    check("mag_mu" not in conf, "%s: mag_mu duplicates mag_weight" % name)
     check(conf.get("mag_step") == lz.step, "%s: mag_step %r" % (name, conf.get("mag_step")))
     check(conf.get("mag_learnable_shape") == lz.learnable_shape, "%s: mag_learnable_shape %r" % (name, conf.get("mag_learnable_shape")))
     check(close(conf.get("mag_mu1"), lz.mu1) and conf.get("mag_steps") == lz.steps and conf.get("mag_period") == lz.period,

@@ -19,6 +19,16 @@ tests/py/safetensors_np.py and a pure-Python XXH64 (checked on known vectors):
   parameter, same shapes;
 - config.json and trainer_state.json are JSON.
 
+Then checkpoints of real `tptt train` runs (TPTT: the binary):
+- trainable: lora with model.hub_id: adapter_config.json's
+  base_model_name_or_path is the Hub id; without it, the absolute base path;
+- config.json: base_model_name and base_model_path absolute, base_model_hub_id,
+  ONE mu: mag_weight is the mu the model uses at the checkpoint's step (a
+  gradual schedule's value there), mag_mu0 the schedule's start, no mag_mu;
+- trainable: projections / all: no adapter_model.safetensors and no
+  adapter_config.json (nothing PEFT could load as a LoRA), MANIFEST without
+  them, and such a checkpoint resumes.
+
 Environment: TPTT_TEST_CHECKPOINT (the test_checkpoint binary; default
 ./test_checkpoint), TPTT_SOURCE_DIR. Prints "N passed, N failed".
 """
@@ -226,11 +236,64 @@ def test_checkpoint(root):
     check(json.load(open(os.path.join(d, "trainer_state.json"))).get("step") == 1, "trainer_state step")
 
 
+def test_train_runs(root):
+    sys.path.insert(0, HERE)
+    import train_util as tu
+    model, data = os.path.join(root, "tmodel"), os.path.join(root, "tdata.tok")
+    tu.make_model(model)
+    tu.make_data(data)
+    absbase = os.path.realpath(model)
+
+    def run(name, ranks=1, trainable="lora", **over):
+        conf, rd = os.path.join(root, name + ".yaml"), os.path.join(root, name)
+        # a relative model.path: the checkpoint must still record the absolute one
+        tu.write_config(conf, os.path.relpath(model), data, rd, checkpoint__every=2, schedule__total_steps=4, **over)
+        with open(conf) as f:
+            text = f.read().replace("trainable: lora\n", "trainable: %s\n" % trainable)
+        with open(conf, "w") as f:
+            f.write(text)
+        p = tu.train(conf, ranks=ranks)
+        check(p.returncode == 0, "tptt train %s" % name, p.stderr[-1500:])
+        return conf, rd
+
+    mag = dict(mag__mode="gradual", mag__mu0=0.2, mag__mu1=0.6, mag__steps=8)
+    _, rd = run("hub", model__hub_id="org/tiny-base", **mag)
+    ck = tu.latest(rd)
+    ac = json.load(open(os.path.join(ck, "adapter_config.json")))
+    check(ac.get("base_model_name_or_path") == "org/tiny-base", "base_model_name_or_path = model.hub_id",
+          ac.get("base_model_name_or_path"))
+    cf = json.load(open(os.path.join(ck, "config.json")))
+    check(cf.get("base_model_path") == absbase and cf.get("base_model_name") == absbase,
+          "config.json base model as an absolute path", (cf.get("base_model_path"), cf.get("base_model_name")))
+    check(cf.get("base_model_hub_id") == "org/tiny-base", "config.json base_model_hub_id", cf.get("base_model_hub_id"))
+    # gradual: mu(step) = mu0 + (mu1 - mu0) * step / steps, at step 4 of 8
+    check(abs(cf.get("mag_weight", -1) - 0.4) < 1e-12 and cf.get("mag_mu0") == 0.2 and cf.get("mag_step") == 4,
+          "mag_weight is the mu at the checkpoint's step, mag_mu0 the start",
+          (cf.get("mag_weight"), cf.get("mag_mu0"), cf.get("mag_step")))
+    check("mag_mu" not in cf, "no mag_mu duplicating mag_weight", sorted(cf))
+    _, rd = run("nohub")
+    ac = json.load(open(os.path.join(tu.latest(rd), "adapter_config.json")))
+    check(ac.get("base_model_name_or_path") == absbase, "base_model_name_or_path defaults to the absolute base path",
+          ac.get("base_model_name_or_path"))
+    for tr in ("projections", "all"):
+        conf, rd = run(tr, trainable=tr)
+        ck = tu.latest(rd)
+        files = sorted(os.listdir(ck))
+        check("adapter_model.safetensors" not in files and "adapter_config.json" not in files,
+              "trainable: %s: no PEFT adapter files" % tr, files)
+        names = [n for _, _, n in read_manifest(os.path.join(ck, "MANIFEST"))]
+        check(names == ["config.json", "liza_model.safetensors", "optimizer.safetensors", "trainer_state.json"],
+              "trainable: %s: MANIFEST" % tr, names)
+        p = tu.train(conf, ranks=1, extra=["--set", "schedule.total_steps=6"])
+        check(p.returncode == 0 and "resuming from" in p.stderr, "trainable: %s: resumes" % tr, p.stderr[-800:])
+
+
 def main():
     test_xxh64_vectors()
     root = tempfile.mkdtemp(prefix="tptt-peft-")
     try:
         test_checkpoint(root)
+        test_train_runs(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return kit.report()

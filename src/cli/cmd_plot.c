@@ -1,4 +1,5 @@
-/* cmd_plot.c - `tptt plot metrics.jsonl -o loss.png`: loss and learning rate
+/* cmd_plot.c - `tptt plot metrics.jsonl -o loss.png`: loss, validation loss
+ * (records with "val_loss", when the run evaluated) and learning rate
  * against the step, drawn by gnuplot (Debian package gnuplot-nox).
  *
  * No user string ever becomes gnuplot code: gnuplot is started without a
@@ -116,7 +117,9 @@ int tp_cmd_plot(int argc, char **argv) {
                      "set xlabel 'step'\nset ylabel 'loss'\nset y2label 'learning rate'\nset ytics nomirror\n"
                      "set y2tics\nset grid\nset key top right\n$tptt << EOD\n",
                      title);
-    int lineno = 0, points = 0, skipped = 0;
+    int lineno = 0, points = 0, skipped = 0, vpoints = 0;
+    tp_strbuf v; /* validation points: "step val_loss" */
+    tp_strbuf_init(&v);
     for (char *line = text, *next; line && *line; line = next) {
         char *nl = strchr(line, '\n');
         int last = !nl;
@@ -132,6 +135,15 @@ int tp_cmd_plot(int argc, char **argv) {
             fprintf(stderr, "tptt: note: %s:%d: truncated last line skipped\n", in, lineno);
             break;
         }
+        const cJSON *vl = cJSON_GetObjectItemCaseSensitive(j, "val_loss");
+        if (cJSON_IsObject(j) && cJSON_IsNumber(st) && cJSON_IsNumber(vl)) {
+            tp_strbuf_printf(&v, "%.17g %.9g\n", st->valuedouble, vl->valuedouble);
+            vpoints++;
+            if (!lo) { /* a validation record of its own */
+                cJSON_Delete(j);
+                continue;
+            }
+        }
         if (cJSON_IsObject(j) && cJSON_IsNumber(st) && cJSON_IsNull(lo) && cJSON_IsNumber(lr)) {
             skipped++; /* a skipped step: no loss to draw */
             cJSON_Delete(j);
@@ -141,6 +153,7 @@ int tp_cmd_plot(int argc, char **argv) {
             fprintf(stderr, "tptt: %s:%d: expected a JSON object with numeric step, loss and lr\n", in, lineno);
             cJSON_Delete(j);
             tp_strbuf_free(&s);
+            tp_strbuf_free(&v);
             free(text);
             return 1;
         }
@@ -149,9 +162,18 @@ int tp_cmd_plot(int argc, char **argv) {
         cJSON_Delete(j);
     }
     free(text);
-    tp_strbuf_puts(&s, "EOD\nplot $tptt using 1:2 with lines lw 2 title 'loss' axes x1y1, "
-                       "$tptt using 1:3 with lines dt 2 title 'lr' axes x1y2\n");
-    if (s.oom) {
+    tp_strbuf_puts(&s, "EOD\n");
+    if (vpoints) {
+        tp_strbuf_puts(&s, "$val << EOD\n");
+        if (v.len) tp_strbuf_puts(&s, v.buf);
+        tp_strbuf_puts(&s, "EOD\n");
+    }
+    int voom = v.oom;
+    tp_strbuf_free(&v);
+    tp_strbuf_puts(&s, "plot $tptt using 1:2 with lines lw 2 title 'loss' axes x1y1, ");
+    if (vpoints) tp_strbuf_puts(&s, "$val using 1:2 with linespoints lw 2 pt 7 title 'val_loss' axes x1y1, ");
+    tp_strbuf_puts(&s, "$tptt using 1:3 with lines dt 2 title 'lr' axes x1y2\n");
+    if (s.oom || voom) {
         tp_strbuf_free(&s);
         return tp_cli_error("plot: out of memory");
     }
@@ -191,6 +213,8 @@ int tp_cmd_plot(int argc, char **argv) {
         return 1;
     }
     free(tmp);
-    printf("wrote %s (%d points%s)\n", out, points, skipped ? ", skipped steps left out" : "");
+    printf("wrote %s (%d points%s", out, points, skipped ? ", skipped steps left out" : "");
+    if (vpoints) printf(", %d validation points", vpoints);
+    printf(")\n");
     return 0;
 }

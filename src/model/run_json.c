@@ -1,17 +1,41 @@
 #include "model/run_json.h"
 
 #include <cjson/cJSON.h>
+#include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "kernels/liza.h"
 #include "kernels/liza_gates.h"
 
-/* config.json of a checkpoint of this run (FORMATS.md names) */
+int tp_abs_path(const char *path, char *out, size_t n) {
+    char buf[PATH_MAX];
+    if (!path || !*path) return -1;
+    if (realpath(path, buf)) return snprintf(out, n, "%s", buf) < (int)n ? 0 : -1;
+    if (path[0] == '/') return snprintf(out, n, "%s", path) < (int)n ? 0 : -1;
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd)) return -1;
+    return snprintf(out, n, "%s/%s", cwd, path) < (int)n ? 0 : -1;
+}
+
 char *tp_run_config_json(const char *model_dir, const tp_model_config *mc, const tp_decoder_opts *o,
-                             tp_mm_backend used, int64_t step) {
+                         tp_mm_backend used, int64_t step) {
+    return tp_run_config_json_hub(model_dir, NULL, mc, o, used, step);
+}
+
+/* config.json of a checkpoint of this run (FORMATS.md names) */
+char *tp_run_config_json_hub(const char *model_dir, const char *hub_id, const tp_model_config *mc,
+                             const tp_decoder_opts *o, tp_mm_backend used, int64_t step) {
+    char abs[PATH_MAX + 1];
+    if (tp_abs_path(model_dir, abs, sizeof abs) != 0) snprintf(abs, sizeof abs, "%s", model_dir);
     cJSON *c = cJSON_CreateObject();
     cJSON_AddStringToObject(c, "model_type", "tptt");
-    cJSON_AddStringToObject(c, "base_model_name", model_dir);
+    /* the Python TPTT package's name for the base, and ours: both the
+     * absolute path (a run dir read from elsewhere still finds its base) */
+    cJSON_AddStringToObject(c, "base_model_name", abs);
+    cJSON_AddStringToObject(c, "base_model_path", abs);
+    if (hub_id && *hub_id) cJSON_AddStringToObject(c, "base_model_hub_id", hub_id);
     cJSON_AddStringToObject(c, "base_model_architecture", tp_arch_class(mc->arch));
     static const char *const gates[] = {"c", "k", "v", "kv"}, *const tricks[] = {"dt", "rot", "rdt"};
     static const char *const modes[] = {"constant", "gradual", "cyclic", "learnable"};
@@ -29,7 +53,13 @@ char *tp_run_config_json(const char *model_dir, const tp_model_config *mc, const
     cJSON_AddStringToObject(rcfg, "trick", tricks[lo->trick]);
     cJSON_AddNumberToObject(c, "max_chunk_size", lo->chunk);
     cJSON_AddBoolToObject(c, "base_scale_attn", lo->base_scale_attn);
-    cJSON_AddNumberToObject(c, "mag_weight", mg->mu0);
+    /* ONE μ: "mag_weight" is the μ the model uses at this checkpoint's step
+     * (the schedule's value there; learnable: σ of the initial logit, the
+     * trained logits being in liza_model.safetensors); the schedule's start
+     * is "mag_mu0" (readers take "mag_weight" as μ0 only when "mag_mu0" is
+     * absent, as in checkpoints written before this rule) */
+    cJSON_AddNumberToObject(c, "mag_weight", tp_mag_mu(mg, step));
+    cJSON_AddNumberToObject(c, "mag_mu0", mg->mu0);
     cJSON_AddBoolToObject(c, "cross_gate", mg->cross_gate);
     cJSON_AddStringToObject(c, "mag_mode", modes[mg->mode]);
     cJSON_AddNumberToObject(c, "mag_mu1", mg->mu1);
@@ -39,7 +69,6 @@ char *tp_run_config_json(const char *model_dir, const tp_model_config *mc, const
     cJSON_AddNumberToObject(c, "mag_period", (double)mg->period);
     cJSON_AddStringToObject(c, "mag_learnable_shape", mg->vector ? "vector" : "scalar");
     cJSON_AddNumberToObject(c, "mag_step", (double)step);
-    cJSON_AddNumberToObject(c, "mag_mu", tp_mag_mu(mg, step));
     cJSON_AddStringToObject(c, "trainable", tp_trainable_name(o->trainable));
     cJSON_AddStringToObject(c, "compute_matmul", tp_mm_backend_name(used));
     cJSON_AddBoolToObject(c, "recompute", o->recompute);

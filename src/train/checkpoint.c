@@ -62,11 +62,23 @@
 #define MANIFEST_LIMIT (1u << 20)
 #define STATE_LIMIT ((size_t)256 << 20)
 
+/* Every file a checkpoint can hold, sorted; the first two (the PEFT adapter)
+ * only when the model has LoRA parameters (trainable: lora), and then both. */
 static const char *const required_files[] = {
     "adapter_config.json",    "adapter_model.safetensors", "config.json",
     "liza_model.safetensors", "optimizer.safetensors",     "trainer_state.json",
 };
 #define NREQUIRED (sizeof required_files / sizeof *required_files)
+#define NADAPTER 2 /* required_files[0..NADAPTER) */
+
+static int has_lora(const tp_decoder *m) {
+    for (size_t i = 0; i < tp_decoder_nparams(m); i++)
+        if (tp_decoder_param(m, i)->is_lora) return 1;
+    return 0;
+}
+
+static const tp_tensor_view *st_find(const tp_st_file *f, const char *name) { return f ? tp_st_find(f, name) : NULL; }
+static size_t st_count(const tp_st_file *f) { return f ? tp_st_count(f) : 0; }
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -351,11 +363,17 @@ static int verify_impl(const char *ckpt_dir, tp_err *err) {
     rc = parse_manifest(text, len, &lines, &n, err);
     free(text);
     if (rc) return rc;
+    int listed[NREQUIRED];
     for (size_t r = 0; r < NREQUIRED && rc == TP_OK; r++) {
         size_t i = 0;
         while (i < n && strcmp(lines[i].name, required_files[r])) i++;
-        if (i == n) rc = tp_fail(err, TP_EFORMAT, "MANIFEST does not list %s", required_files[r]);
+        listed[r] = i < n;
+        if (i == n && r >= NADAPTER) rc = tp_fail(err, TP_EFORMAT, "MANIFEST does not list %s", required_files[r]);
     }
+    /* the PEFT adapter: both files (trainable: lora) or neither */
+    if (rc == TP_OK && listed[0] != listed[1])
+        rc = tp_fail(err, TP_EFORMAT, "MANIFEST lists %s but not %s (the adapter is both files or neither)",
+                     required_files[listed[0] ? 0 : 1], required_files[listed[0] ? 1 : 0]);
     for (size_t i = 0; i < n && rc == TP_OK; i++) {
         char *path = tp_path_join(ckpt_dir, lines[i].name, err);
         if (!path) { rc = TP_ENOMEM; break; }
@@ -418,7 +436,8 @@ static int write_files(const char *tmp, const tp_decoder *m, const float *adam_m
     char(*names)[MOMENT_NAME_MAX] = tp_calloc(2 * np + 1, sizeof *names, err);
     int rc = TP_OK;
     if (!specs || !data || !names) rc = TP_ENOMEM;
-    for (int lora = 1; lora >= 0 && rc == TP_OK; lora--) {
+    int adapter = has_lora(m);
+    for (int lora = adapter; lora >= 0 && rc == TP_OK; lora--) {
         size_t k = 0;
         for (size_t i = 0; i < np; i++) {
             const tp_param *p = tp_decoder_param(m, i);
@@ -443,17 +462,17 @@ static int write_files(const char *tmp, const tp_decoder *m, const float *adam_m
     free(specs);
     free(data);
     free(names);
-    if (rc == TP_OK) rc = write_text(tmp, "adapter_config.json", info->adapter_config_json, err);
+    if (rc == TP_OK && adapter) rc = write_text(tmp, "adapter_config.json", info->adapter_config_json, err);
     if (rc == TP_OK) rc = write_text(tmp, "config.json", info->config_json, err);
     if (rc == TP_OK) rc = write_text(tmp, "trainer_state.json", info->state_json, err);
     return rc;
 }
 
-static int write_manifest(const char *tmp, tp_err *err) {
+static int write_manifest(const char *tmp, int adapter, tp_err *err) {
     tp_strbuf s;
     tp_strbuf_init(&s);
     int rc = TP_OK;
-    for (size_t i = 0; i < NREQUIRED && rc == TP_OK; i++) { /* required_files is sorted */
+    for (size_t i = adapter ? 0 : NADAPTER; i < NREQUIRED && rc == TP_OK; i++) { /* required_files is sorted */
         char *path = tp_path_join(tmp, required_files[i], err);
         if (!path) { rc = TP_ENOMEM; break; }
         uint64_t size, hash;
@@ -602,9 +621,9 @@ int tp_ckpt_write(const char *run_dir, const tp_decoder *m, const float *adam_m,
         return tp_fail(err, TP_EINVAL, "checkpoint write: run directory, model, optimizer moments and info are required");
     if (info->step < 0)
         return tp_fail(err, TP_EINVAL, "checkpoint write: step must be >= 0, got %lld", (long long)info->step);
-    if (!info->config_json || !info->adapter_config_json || !info->state_json)
-        return tp_fail(err, TP_EINVAL, "checkpoint write: config.json, adapter_config.json and trainer_state.json "
-                                       "contents are required");
+    if (!info->config_json || (!info->adapter_config_json && has_lora(m)) || !info->state_json)
+        return tp_fail(err, TP_EINVAL, "checkpoint write: config.json, adapter_config.json (with LoRA parameters) and "
+                                       "trainer_state.json contents are required");
     long long step = (long long)info->step;
     char *ckdir = tp_path_join(run_dir, CKPT_DIR, err);
     if (!ckdir) return TP_ENOMEM;
@@ -623,7 +642,7 @@ int tp_ckpt_write(const char *run_dir, const tp_decoder *m, const float *adam_m,
         rc = tp_fail(err, TP_EIO, "%s: cannot create directory: %s", tmp, strerror(errno));
     int made = rc == TP_OK;
     if (rc == TP_OK) rc = write_files(tmp, m, adam_m, adam_v, info, err);
-    if (rc == TP_OK) rc = write_manifest(tmp, err);
+    if (rc == TP_OK) rc = write_manifest(tmp, has_lora(m), err);
     if (rc == TP_OK) rc = tp_fsync_dir(tmp, err);
     if (rc == TP_OK) rc = install(ckdir, tmp, final, step, err);
     if (rc != TP_OK && made) rm_tree(tmp, NULL);
@@ -802,7 +821,11 @@ int tp_ckpt_load(const char *ckpt_dir, tp_decoder *m, float *adam_m, float *adam
     const tp_tensor_view **src = NULL;
     char *state = NULL;
     size_t np = tp_decoder_nparams(m);
-    if ((rc = open_st(ckpt_dir, "adapter_model.safetensors", &ad, err)) ||
+    char *adp = tp_path_join(ckpt_dir, "adapter_model.safetensors", err);
+    if (!adp) return TP_ENOMEM;
+    int with_adapter = tp_exists(adp); /* verified: listed in MANIFEST exactly when present */
+    free(adp);
+    if ((with_adapter && (rc = open_st(ckpt_dir, "adapter_model.safetensors", &ad, err))) ||
         (rc = open_st(ckpt_dir, "liza_model.safetensors", &lz, err)) ||
         (rc = open_st(ckpt_dir, "optimizer.safetensors", &op, err)))
         goto done;
@@ -811,7 +834,7 @@ int tp_ckpt_load(const char *ckpt_dir, tp_decoder *m, float *adam_m, float *adam
     /* pass 1: check everything */
     for (size_t i = 0; i < np && rc == TP_OK; i++) {
         const tp_param *p = tp_decoder_param(m, i);
-        const tp_tensor_view *va = tp_st_find(ad, p->name), *vl = tp_st_find(lz, p->name);
+        const tp_tensor_view *va = st_find(ad, p->name), *vl = st_find(lz, p->name);
         if (va && vl) {
             rc = tp_fail(err, TP_EFORMAT,
                          "checkpoint %s: parameter %s is in both adapter_model.safetensors and liza_model.safetensors",
@@ -850,7 +873,7 @@ int tp_ckpt_load(const char *ckpt_dir, tp_decoder *m, float *adam_m, float *adam
                 char nm[MOMENT_NAME_MAX];
                 snprintf(nm, sizeof nm, "%s%s", p->name, k == 0 ? "" : k == 1 ? ".exp_avg" : ".exp_avg_sq");
                 const char *f = k ? "optimizer.safetensors"
-                                  : tp_st_find(ad, p->name) ? "adapter_model.safetensors" : "liza_model.safetensors";
+                                  : st_find(ad, p->name) ? "adapter_model.safetensors" : "liza_model.safetensors";
                 rc = tp_fail(err, TP_EFORMAT, "checkpoint %s: %s: tensor %s element %zu is %s, expected %s", ckpt_dir,
                              f, nm, e, isnan(v) ? "NaN" : isinf(v) ? (v > 0 ? "+Inf" : "-Inf") : "negative",
                              k == 2 ? "a finite value >= 0 (second moment)" : "a finite value");
@@ -859,8 +882,8 @@ int tp_ckpt_load(const char *ckpt_dir, tp_decoder *m, float *adam_m, float *adam
         }
     }
     static const char *const plain[] = {""}, *const moments[] = {".exp_avg", ".exp_avg_sq"};
-    if (rc == TP_OK && tp_st_count(ad) + tp_st_count(lz) != np) {
-        const char *x = extra_tensor(ad, m, plain, 1);
+    if (rc == TP_OK && st_count(ad) + tp_st_count(lz) != np) {
+        const char *x = ad ? extra_tensor(ad, m, plain, 1) : NULL;
         const char *f = "adapter_model.safetensors";
         if (!x) { x = extra_tensor(lz, m, plain, 1); f = "liza_model.safetensors"; }
         rc = tp_fail(err, TP_EFORMAT, "checkpoint %s: %s: tensor %s is not a parameter of the model", ckpt_dir, f,

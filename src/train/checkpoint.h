@@ -2,8 +2,8 @@
  * crash-safely, find the newest valid one, load it.
  *
  * <run>/checkpoints/step-00000100/
- *   adapter_model.safetensors  LoRA A/B (PEFT keys), {"format":"pt"}
- *   adapter_config.json        PEFT LoRA config
+ *   adapter_model.safetensors  LoRA A/B (PEFT keys), {"format":"pt"}  } only when the model has
+ *   adapter_config.json        PEFT LoRA config                       } LoRA parameters (trainable: lora)
  *   liza_model.safetensors     every other trainable (MaG logits, full weights)
  *   config.json                LiZA/MaG/LoRA settings + base model reference
  *   trainer_state.json         step, tokens, data cursor, schedule, per-rank RNG,
@@ -33,7 +33,8 @@
 typedef struct tp_ckpt_info {
     int64_t step;             /* optimizer steps done */
     const char *config_json;  /* config.json contents (FORMATS.md names) */
-    const char *adapter_config_json; /* adapter_config.json contents */
+    const char *adapter_config_json; /* adapter_config.json contents (required, and written, only when
+                                        the decoder has LoRA parameters) */
     const char *state_json;   /* trainer_state.json contents */
 } tp_ckpt_info;
 

@@ -31,17 +31,18 @@
 /* ---- the key table ----------------------------------------------------- */
 
 enum { S_TOP, S_MODEL, S_RUN, S_LORA, S_LIZA, S_MAG, S_COMPUTE, S_DATA, S_BATCH, S_OPTIM, S_SCHED, S_CKPT,
-       S_LOG, S_FAULTS, S_DIST, S_EXPORT, S_ALPACA, S_CHAT, NSEC };
+       S_LOG, S_FAULTS, S_DIST, S_EXPORT, S_EVAL, S_ALPACA, S_CHAT, NSEC };
 static const char *const sec_names[NSEC] = {"",        "model", "run",       "lora",       "liza",    "mag",
                                             "compute", "data",  "batch",     "optimizer",  "schedule", "checkpoint",
-                                            "logging", "faults", "dist",     "export",    "data.alpaca", "data.chat"};
+                                            "logging", "faults", "dist",     "export",    "eval",     "data.alpaca",
+                                            "data.chat"};
 /* the section a section is written inside (data.alpaca inside data) */
 static const int sec_parent[NSEC] = {[S_ALPACA] = S_DATA, [S_CHAT] = S_DATA};
 
 enum { K_INT, K_NUM, K_BOOL, K_ENUM, K_STR, K_TEXT, K_TARGETS, K_VALUES };
 
 enum {
-    KEY_MODEL_PATH, KEY_RUN_DIR, KEY_SEED, KEY_TRAINABLE,
+    KEY_MODEL_PATH, KEY_MODEL_HUB_ID, KEY_RUN_DIR, KEY_SEED, KEY_TRAINABLE,
     KEY_LORA_R, KEY_LORA_ALPHA, KEY_LORA_DROPOUT, KEY_LORA_TARGETS, KEY_LORA_RSLORA, KEY_LORA_INIT,
     KEY_LIZA_ENABLED, KEY_LIZA_PRESET, KEY_LIZA_ORDER, KEY_LIZA_ALPHA_GATE, KEY_LIZA_BETA_GATE, KEY_LIZA_TRICK,
     KEY_LIZA_LINEAR, KEY_LIZA_CHUNK, KEY_LIZA_BASE_SCALE,
@@ -53,13 +54,14 @@ enum {
     KEY_ALPACA_PROMPT, KEY_ALPACA_PROMPT_NI, KEY_CHAT_SYSTEM, KEY_CHAT_USER, KEY_CHAT_ASSISTANT,
     KEY_BATCH_GLOBAL, KEY_BATCH_MICRO,
     KEY_OPT_LR, KEY_OPT_MIN_LR, KEY_OPT_WD, KEY_OPT_BETA1, KEY_OPT_BETA2, KEY_OPT_EPS, KEY_OPT_CLIP,
-    KEY_SCHED_KIND, KEY_SCHED_WARMUP, KEY_SCHED_TOTAL,
+    KEY_SCHED_KIND, KEY_SCHED_WARMUP, KEY_SCHED_TOTAL, KEY_SCHED_EPOCHS,
+    KEY_EVAL_PATH, KEY_EVAL_SPLIT, KEY_EVAL_EVERY, KEY_EVAL_MAX_ROWS,
     KEY_CKPT_EVERY, KEY_CKPT_KEEP, KEY_LOG_EVERY, KEY_FAULTS_BAD, KEY_DIST_BUCKET, KEY_EXPORT_DIR,
     NKEYS
 };
 
 static const char *const ch_trainable[] = {"lora", "projections", "all", NULL};
-static const char *const ch_init[] = {"default", "random", NULL};
+static const char *const ch_init[] = {"default", "random", "pissa", "pissa_niter_K", NULL}; /* K: 0..64 */
 static const char *const ch_preset[] = {"delta_rule",      "delta_rule_v",        "delta_rule_kv",
                                         "delta_rule_gelu", "gated_delta_rule",    "delta_product",
                                         "gated_delta_product", "delta_product_r", "delta_product_c", NULL};
@@ -98,6 +100,7 @@ typedef struct keydef {
 
 static const keydef keys[NKEYS] = {
     KS(KEY_MODEL_PATH, S_MODEL, "model.path", 1),
+    KS(KEY_MODEL_HUB_ID, S_MODEL, "model.hub_id", 0),
     KS(KEY_RUN_DIR, S_RUN, "run.dir", 1),
     KI(KEY_SEED, S_TOP, "seed", 0, 0x7fffffffffffffffLL),
     KE(KEY_TRAINABLE, S_TOP, "trainable", ch_trainable),
@@ -154,7 +157,12 @@ static const keydef keys[NKEYS] = {
     KN(KEY_OPT_CLIP, S_OPTIM, "optimizer.max_grad_norm", -INFINITY, 0, INFINITY, 0),
     KE(KEY_SCHED_KIND, S_SCHED, "schedule.kind", ch_sched),
     KI(KEY_SCHED_WARMUP, S_SCHED, "schedule.warmup_steps", 0, BIG),
-    KIR(KEY_SCHED_TOTAL, S_SCHED, "schedule.total_steps", 1, BIG),
+    KI(KEY_SCHED_TOTAL, S_SCHED, "schedule.total_steps", 1, BIG), /* this or schedule.epochs (load checks) */
+    KN(KEY_SCHED_EPOCHS, S_SCHED, "schedule.epochs", 0, 1, 1e9, 0),
+    KS(KEY_EVAL_PATH, S_EVAL, "eval.path", 0),
+    KN(KEY_EVAL_SPLIT, S_EVAL, "eval.split", 0, 1, 1, 1),
+    KI(KEY_EVAL_EVERY, S_EVAL, "eval.every", 0, BIG),
+    KI(KEY_EVAL_MAX_ROWS, S_EVAL, "eval.max_rows", 0, BIG),
     KI(KEY_CKPT_EVERY, S_CKPT, "checkpoint.every", 0, BIG),
     KI(KEY_CKPT_KEEP, S_CKPT, "checkpoint.keep", 1, 1000000),
     KI(KEY_LOG_EVERY, S_LOG, "logging.every", 1, BIG),
@@ -210,8 +218,8 @@ static void list_names(int sec, char *buf, size_t n) {
     } while (0)
     if (sec == S_TOP) { /* in file order of docs/config.md */
         static const int order[] = {S_MODEL, S_RUN, -KEY_SEED - 1, -KEY_TRAINABLE - 1, S_LORA, S_LIZA, S_MAG,
-                                    S_COMPUTE, S_DATA, S_BATCH, S_OPTIM, S_SCHED, S_CKPT, S_LOG, S_FAULTS,
-                                    S_DIST, S_EXPORT};
+                                    S_COMPUTE, S_DATA, S_BATCH, S_OPTIM, S_SCHED, S_EVAL, S_CKPT, S_LOG,
+                                    S_FAULTS, S_DIST, S_EXPORT};
         for (size_t i = 0; i < sizeof order / sizeof *order; i++)
             APPEND(order[i] >= 0 ? sec_names[order[i]] : keys[-order[i] - 1].dotted);
     } else {
@@ -604,7 +612,12 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
         case KEY_BATCH_GLOBAL: c->global_batch = n; break;
         case KEY_BATCH_MICRO: c->micro_batch = n; break;
         case KEY_SCHED_WARMUP: c->sched.warmup_steps = n; break;
-        case KEY_SCHED_TOTAL: c->sched.total_steps = n; break;
+        case KEY_SCHED_TOTAL:
+            c->sched.total_steps = n;
+            if (!x->file) c->epochs = 0; /* --set replaces the file's schedule.epochs */
+            break;
+        case KEY_EVAL_EVERY: c->eval.every = n; break;
+        case KEY_EVAL_MAX_ROWS: c->eval.max_rows = n; break;
         case KEY_CKPT_EVERY: c->ckpt_every = n; break;
         case KEY_CKPT_KEEP: c->ckpt_keep = (int)n; break;
         case KEY_LOG_EVERY: c->log_every = n; break;
@@ -626,6 +639,11 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
         case KEY_OPT_EPS: c->adamw.eps = d; break;
         case KEY_OPT_CLIP: c->max_grad_norm = d; break;
         case KEY_DIST_BUCKET: c->bucket_mb = d; break;
+        case KEY_SCHED_EPOCHS:
+            c->epochs = d;
+            if (!x->file) c->sched.total_steps = 0; /* --set replaces the file's schedule.total_steps */
+            break;
+        case KEY_EVAL_SPLIT: c->eval.split = d; break;
         }
         return TP_OK;
     case K_BOOL:
@@ -641,10 +659,37 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
         }
         return TP_OK;
     case K_ENUM:
+        if (id == KEY_LORA_INIT && v->type == YAML_SCALAR_NODE &&
+            !strncmp((const char *)v->data.scalar.value, "pissa_niter_", 12)) {
+            const char *k = (const char *)v->data.scalar.value + 12;
+            long long K = -1;
+            char got[160];
+            if ((rc = check_tag(x, keys[id].dotted, -1, v))) return rc;
+            if (parse_i64(k, &K) != 0 || K < 0 || K > 64 || *k == '+' || *k == '-') {
+                describe(v, got, sizeof got);
+                return fail_at(x, v, keys[id].dotted, -1,
+                               "expected default, random, pissa or pissa_niter_K with K an integer in [0, 64], got %s",
+                               got);
+            }
+            c->dec.lora.init_random = 0;
+            c->pissa = 1;
+            c->pissa_niter = (int)K;
+            return TP_OK;
+        }
         if ((rc = get_enum(x, id, v, &e))) return rc;
+        if (id == KEY_LORA_INIT && e == 3) { /* the literal "pissa_niter_K" */
+            char got[160];
+            describe(v, got, sizeof got);
+            return fail_at(x, v, keys[id].dotted, -1, "expected pissa_niter_<K> with K an integer in [0, 64], got %s",
+                           got);
+        }
         switch (id) {
         case KEY_TRAINABLE: c->dec.trainable = (tp_trainable)e; break;
-        case KEY_LORA_INIT: c->dec.lora.init_random = e; break;
+        case KEY_LORA_INIT:
+            c->dec.lora.init_random = e == 1;
+            c->pissa = e == 2;
+            c->pissa_niter = -1;
+            break;
         case KEY_LIZA_PRESET:
             if (tp_liza_preset(ch_preset[e], &c->dec.liza))
                 return fail_at(x, v, keys[id].dotted, -1, "preset '%s' is not known to the decoder", ch_preset[e]);
@@ -678,6 +723,8 @@ static int apply_key(ctx *x, int id, const yaml_node_t *v) {
         case KEY_DATA_TOKENIZER: return get_str(x, id, v, c->data.tokenizer, sizeof c->data.tokenizer);
         case KEY_DATA_CACHE: return get_str(x, id, v, c->data.cache_dir, sizeof c->data.cache_dir);
         case KEY_EXPORT_DIR: return get_str(x, id, v, c->export_dir, sizeof c->export_dir);
+        case KEY_MODEL_HUB_ID: return get_str(x, id, v, c->hub_id, sizeof c->hub_id);
+        case KEY_EVAL_PATH: return get_str(x, id, v, c->eval.path, sizeof c->eval.path);
         }
         return TP_OK;
     case K_TEXT:
@@ -720,6 +767,7 @@ void tp_train_cfg_default(tp_train_cfg *c) {
     memset(c, 0, sizeof *c);
     tp_decoder_opts_default(&c->dec);
     c->dec.liza.enabled = 1; /* training runs convert the model by default */
+    c->pissa_niter = -1;
     c->dec.matmul = TP_MM_F32;
     c->matmul_auto = 1;
     snprintf(c->data.format, sizeof c->data.format, "tokens");
@@ -930,8 +978,23 @@ int tp_train_cfg_load(const char *path, tp_train_cfg *c, tp_err *err) {
                 if (w > 0 && (size_t)w < sizeof missing - ml) ml += (size_t)w;
                 nmiss++;
             }
+        if (!x->key_line[KEY_SCHED_TOTAL] && !x->key_line[KEY_SCHED_EPOCHS]) {
+            int w = snprintf(missing + ml, sizeof missing - ml, "%s'schedule.total_steps' (or 'schedule.epochs')",
+                             nmiss ? ", " : "");
+            if (w > 0 && (size_t)w < sizeof missing - ml) ml += (size_t)w;
+            nmiss++;
+        }
         if (nmiss)
             rc = tp_fail(err, TP_EINVAL, "%s: missing required key%s %s", path, nmiss > 1 ? "s" : "", missing);
+        else if (x->key_line[KEY_SCHED_TOTAL] && x->key_line[KEY_SCHED_EPOCHS])
+            rc = tp_fail(err, TP_EINVAL,
+                         "%s:%zu: schedule.epochs: expected either schedule.total_steps (line %zu) or "
+                         "schedule.epochs, not both",
+                         path, x->key_line[KEY_SCHED_EPOCHS], x->key_line[KEY_SCHED_TOTAL]);
+        else if (x->key_line[KEY_EVAL_PATH] && x->key_line[KEY_EVAL_SPLIT] && c->eval.path[0] && c->eval.split > 0)
+            rc = tp_fail(err, TP_EINVAL,
+                         "%s:%zu: eval.split: expected either eval.path (line %zu) or eval.split, not both", path,
+                         x->key_line[KEY_EVAL_SPLIT], x->key_line[KEY_EVAL_PATH]);
     }
     sync_preset_name(c);
     free(x);
@@ -1147,15 +1210,22 @@ int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
     if (!isfinite(c->max_grad_norm))
         return tp_fail(err, TP_EINVAL, "optimizer.max_grad_norm must be finite (<= 0: no clipping), got %g",
                        c->max_grad_norm);
-    if (c->sched.total_steps < 1) {
-        if (c->sched.total_steps == 0) return tp_fail(err, TP_EINVAL, "schedule.total_steps: not set");
+    int by_epochs = c->epochs != 0;
+    if (by_epochs && !(isfinite(c->epochs) && c->epochs > 0 && c->epochs <= 1e9))
+        return tp_fail(err, TP_EINVAL, "schedule.epochs must be a positive number (at most 1e9), got %g", c->epochs);
+    if (by_epochs && c->sched.total_steps)
+        return tp_fail(err, TP_EINVAL, "schedule.epochs (%g) and schedule.total_steps (%lld): set one of them, not both",
+                       c->epochs, (long long)c->sched.total_steps);
+    if (!by_epochs && c->sched.total_steps < 1) {
+        if (c->sched.total_steps == 0)
+            return tp_fail(err, TP_EINVAL, "schedule.total_steps: not set (or set schedule.epochs)");
         return tp_fail(err, TP_EINVAL, "schedule.total_steps must be positive, got %lld",
                        (long long)c->sched.total_steps);
     }
     if (c->sched.warmup_steps < 0)
         return tp_fail(err, TP_EINVAL, "schedule.warmup_steps must be >= 0, got %lld",
                        (long long)c->sched.warmup_steps);
-    if (c->sched.warmup_steps > c->sched.total_steps)
+    if (!by_epochs && c->sched.warmup_steps > c->sched.total_steps)
         return tp_fail(err, TP_EINVAL, "schedule.warmup_steps (%lld) > schedule.total_steps (%lld)",
                        (long long)c->sched.warmup_steps, (long long)c->sched.total_steps);
     if (!(c->adamw.beta1 >= 0 && c->adamw.beta1 < 1))
@@ -1164,8 +1234,11 @@ int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
         return tp_fail(err, TP_EINVAL, "optimizer.beta2 must be in [0, 1), got %g", c->adamw.beta2);
     if (!(isfinite(c->adamw.eps) && c->adamw.eps >= 0))
         return tp_fail(err, TP_EINVAL, "optimizer.eps must be a finite number >= 0, got %g", c->adamw.eps);
-    /* the optimizer's own validators, as a backstop for what it requires */
-    rc = tp_lr_schedule_validate(&c->sched, err);
+    /* the optimizer's own validators, as a backstop for what it requires
+     * (with schedule.epochs the trainer validates again once total_steps is known) */
+    tp_lr_schedule sv = c->sched;
+    if (by_epochs) sv.total_steps = sv.warmup_steps > 0 ? sv.warmup_steps : 1;
+    rc = tp_lr_schedule_validate(&sv, err);
     if (rc) return tp_err_prefix(err, "optimizer/schedule");
     if ((rc = tp_adamw_cfg_validate(&c->adamw, err))) return tp_err_prefix(err, "optimizer");
     /* run housekeeping */
@@ -1179,7 +1252,37 @@ int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err) {
         return tp_fail(err, TP_EINVAL, "faults.max_bad_steps must be >= 1, got %d", c->max_bad_steps);
     if (!(isfinite(c->bucket_mb) && c->bucket_mb > 0 && c->bucket_mb <= 65536))
         return tp_fail(err, TP_EINVAL, "dist.bucket_mb must be in (0, 65536], got %g", c->bucket_mb);
+    if (c->pissa && o->trainable != TP_TRAIN_LORA)
+        return tp_fail(err, TP_EINVAL, "lora.init: pissa needs trainable: lora, got trainable: %s",
+                       tp_trainable_name(o->trainable));
+    /* validation */
+    const tp_eval_cfg *ev = &c->eval;
+    if (!(ev->split == 0 || (ev->split > 0 && ev->split < 1)))
+        return tp_fail(err, TP_EINVAL, "eval.split must be a share in (0, 1) of the training documents, got %g",
+                       ev->split);
+    if (ev->path[0] && ev->split > 0)
+        return tp_fail(err, TP_EINVAL, "eval.path (%s) and eval.split (%g): set one of them, not both", ev->path,
+                       ev->split);
+    if (ev->every < 0 || ev->max_rows < 0)
+        return tp_fail(err, TP_EINVAL, "eval.every and eval.max_rows must be >= 0, got %lld and %lld",
+                       (long long)ev->every, (long long)ev->max_rows);
+    if (!ev->path[0] && ev->split == 0 && (ev->every || ev->max_rows))
+        return tp_fail(err, TP_EINVAL, "eval.%s: set, but there is nothing to evaluate (set eval.path or eval.split)",
+                       ev->every ? "every" : "max_rows");
+    if (ev->path[0]) {
+        if (stat(ev->path, &st) != 0) return tp_fail(err, TP_EINVAL, "eval.path: %s: no such file", ev->path);
+        if (S_ISDIR(st.st_mode))
+            return tp_fail(err, TP_EINVAL, "eval.path: %s: is a directory (expected a %s file, like data.path)",
+                           ev->path, c->data.format);
+    }
     return TP_OK;
+}
+
+int64_t tp_train_cfg_total_steps(const tp_train_cfg *c, int64_t rows) {
+    if (c->epochs <= 0 || c->global_batch < 1) return c->sched.total_steps;
+    double t = ceil(c->epochs * (double)rows / (double)c->global_batch);
+    if (!(t >= 1)) return 1;
+    return t > (double)BIG ? BIG : (int64_t)t;
 }
 
 /* ---- resume digest ------------------------------------------------------ */
@@ -1226,6 +1329,12 @@ char *tp_train_cfg_resume_json(const tp_train_cfg *c) {
     if (ok && strcmp(dc->packing, "pack"))
         ok &= cJSON_AddStringToObject(data, "packing", dc->packing) != NULL;
     ok &= ok && cJSON_AddStringToObject(data, "path", dc->path) && add_int(data, "seq_len", (long long)dc->seq_len);
+    /* a held-out share changes the training rows; only when set, so older
+     * checkpoints keep resuming */
+    if (ok && c->eval.split > 0) {
+        cJSON *ev = cJSON_AddObjectToObject(root, "eval");
+        ok &= ev && cJSON_AddNumberToObject(ev, "split", c->eval.split);
+    }
     if (ok && text)
         ok &= cJSON_AddStringToObject(data, "text_field", dc->text_field) != NULL;
     if (ok && (text || alpaca || chat))
@@ -1240,8 +1349,16 @@ char *tp_train_cfg_resume_json(const tp_train_cfg *c) {
           cJSON_AddBoolToObject(liza, "linear", o->liza.linear != 0) && add_int(liza, "order", o->liza.order) &&
           cJSON_AddStringToObject(liza, "trick", name_of(ch_trick, o->liza.trick));
     cJSON *lora = ok ? cJSON_AddObjectToObject(root, "lora") : NULL;
-    ok &= lora && cJSON_AddNumberToObject(lora, "alpha", o->lora.alpha) && add_int(lora, "r", o->lora.r) &&
-          cJSON_AddBoolToObject(lora, "rslora", o->lora.rslora != 0);
+    ok &= lora && cJSON_AddNumberToObject(lora, "alpha", o->lora.alpha);
+    /* PiSSA trains on another base (the residual): in the JSON only then, so
+     * older checkpoints keep resuming */
+    if (ok && c->pissa) {
+        char init[32];
+        if (c->pissa_niter < 0) snprintf(init, sizeof init, "pissa");
+        else snprintf(init, sizeof init, "pissa_niter_%d", c->pissa_niter);
+        ok &= cJSON_AddStringToObject(lora, "init", init) != NULL;
+    }
+    ok &= ok && add_int(lora, "r", o->lora.r) && cJSON_AddBoolToObject(lora, "rslora", o->lora.rslora != 0);
     cJSON *tm = ok ? cJSON_AddArrayToObject(lora, "target_modules") : NULL;
     ok &= tm != NULL;
     for (int m = 0; ok && m < TP_NMOD; m++)
@@ -1255,6 +1372,12 @@ char *tp_train_cfg_resume_json(const tp_train_cfg *c) {
           cJSON_AddStringToObject(mag, "mode", name_of(ch_mag_mode, o->mag.mode));
     cJSON *model = ok ? cJSON_AddObjectToObject(root, "model") : NULL;
     ok &= model && cJSON_AddStringToObject(model, "path", c->model_path);
+    /* schedule.epochs decides total_steps (with the rows, checked on their
+     * own); only when set, so older checkpoints keep resuming */
+    if (ok && c->epochs > 0) {
+        cJSON *sch = cJSON_AddObjectToObject(root, "schedule");
+        ok &= sch && cJSON_AddNumberToObject(sch, "epochs", c->epochs);
+    }
     char seed[32];
     snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
     ok &= ok && cJSON_AddRawToObject(root, "seed", seed) != NULL;

@@ -47,9 +47,19 @@ typedef struct tp_data_cfg {
     char chat_system[TP_TEMPLATE_MAX], chat_user[TP_TEMPLATE_MAX], chat_assistant[TP_TEMPLATE_MAX]; /* {content} */
 } tp_data_cfg;
 
+/* eval.*: validation during training (docs/config.md "eval"). At most one
+ * of path / split; every and max_rows need one of them. */
+typedef struct tp_eval_cfg {
+    char path[TP_PATH_MAX]; /* eval.path: a data file of data.format, tokenized like the training data ("" = none) */
+    double split;           /* eval.split: share in (0, 1) of the training documents held out (0 = none) */
+    int64_t every;          /* eval.every: steps between evaluations (0: only after the last step) */
+    int64_t max_rows;       /* eval.max_rows: rows evaluated (0: all) */
+} tp_eval_cfg;
+
 typedef struct tp_train_cfg {
     char source[TP_PATH_MAX];     /* the YAML file (for messages) */
     char model_path[TP_PATH_MAX]; /* model.path: base HF model dir (required) */
+    char hub_id[TP_PATH_MAX];     /* model.hub_id: PEFT base_model_name_or_path ("" = the absolute model.path) */
     tp_decoder_opts dec;          /* trainable, lora.*, liza.*, mag.*, compute.*, seed */
     int matmul_auto;              /* compute.matmul: auto */
     tp_data_cfg data;
@@ -59,6 +69,12 @@ typedef struct tp_train_cfg {
     double weight_decay;          /* optimizer.weight_decay, default 0 */
     double max_grad_norm;         /* optimizer.max_grad_norm, default 1.0 (<= 0: no clipping) */
     tp_lr_schedule sched;         /* optimizer.lr (peak), optimizer.min_lr, schedule.kind/warmup_steps/total_steps */
+    double epochs;                /* schedule.epochs: > 0 instead of total_steps (the trainer sets
+                                     total_steps = ceil(epochs * rows / batch.global) once rows are known) */
+    tp_eval_cfg eval;             /* eval.* */
+    int pissa;                    /* lora.init: pissa / pissa_niter_K (PiSSA: adapter = principal components,
+                                     the base becomes the residual, run.dir/pissa-base) */
+    int pissa_niter;              /* -1: exact SVD ("pissa"); K >= 0: "pissa_niter_K" */
     char run_dir[TP_PATH_MAX];    /* run.dir (required): checkpoints/, metrics.jsonl */
     int64_t ckpt_every;           /* checkpoint.every, default 100 (0: only at the end/signal) */
     int ckpt_keep;                /* checkpoint.keep, default 3 */
@@ -74,6 +90,11 @@ void tp_train_cfg_default(tp_train_cfg *c);
 int tp_train_cfg_load(const char *path, tp_train_cfg *c, tp_err *err);
 /* Apply one "dotted.key=value" override (value parsed as YAML scalar). */
 int tp_train_cfg_set(tp_train_cfg *c, const char *kv, tp_err *err);
+/* total_steps for schedule.epochs over `rows` training rows:
+ * ceil(epochs * rows / global_batch), at least 1; sched.total_steps itself
+ * when epochs is 0. */
+int64_t tp_train_cfg_total_steps(const tp_train_cfg *c, int64_t rows);
+
 /* Cross-field checks that need the world size (global batch divisible by
  * ranks x micro, ...). Called by the trainer after MPI_Init. */
 int tp_train_cfg_check(const tp_train_cfg *c, int world_size, tp_err *err);

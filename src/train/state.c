@@ -119,6 +119,12 @@ int tp_train_state_check(const char *text, const tp_state_expect *x, tp_state_in
     }
     *ws = 0;
     if (rc == TP_OK && (rc = int_field(file, j, "", "world_size", 1, 16777216.0, 0, ws, err)) == 1) rc = TP_OK;
+    out->tokens_trained = -1;
+    if (rc == TP_OK && (rc = int_field(file, j, "", "tokens_trained", 0, (double)*tokens, 0, &out->tokens_trained,
+                                       err)) == 1) {
+        out->tokens_trained = -1;
+        rc = TP_OK;
+    }
     if (rc == TP_OK && (rc = int_field(file, j, "", "epoch", 0, MAX_COUNT, 0, &v, err)) == 1) rc = TP_OK;
     else if (rc == TP_OK && x->epoch_of && v != x->epoch_of(x->epoch_ctx, *step))
         rc = tp_fail(err, TP_EFORMAT, "%s: field \"epoch\" is %lld, step %lld of this data set is in epoch %lld", file,
@@ -150,6 +156,12 @@ int tp_train_state_check(const char *text, const tp_state_expect *x, tp_state_in
     } else if (rc == TP_OK) {
         rc = tp_fail(err, TP_EFORMAT, "%s: field \"data_cursor\" missing", file);
     }
+    const cJSON *pd = cJSON_GetObjectItemCaseSensitive(j, "pissa_base_digest");
+    if (rc == TP_OK && x->pissa_digest && x->pissa_digest[0] && (!cJSON_IsString(pd) || strcmp(pd->valuestring, x->pissa_digest)))
+        rc = tp_fail(err, TP_EINVAL,
+                     "%s: field \"pissa_base_digest\" is %.40s, the residual base pissa-base now has digest %s: it "
+                     "changed under the run (start a new run.dir or pass --resume none)",
+                     file, cJSON_IsString(pd) ? pd->valuestring : "missing", x->pissa_digest);
     const cJSON *rng = cJSON_GetObjectItemCaseSensitive(j, "rng");
     if (rc == TP_OK && rng && !cJSON_IsArray(rng)) rc = tp_fail(err, TP_EFORMAT, "%s: field \"rng\" must be an array", file);
     for (const cJSON *e = rng ? rng->child : NULL; rc == TP_OK && e; e = e->next) {

@@ -17,11 +17,13 @@ typedef struct tp_state_expect {
     int64_t (*epoch_of)(const void *ctx, int64_t step); /* NULL: epoch not checked */
     const void *epoch_ctx;
     const char *data_digest;    /* "" or NULL: not checked */
+    const char *pissa_digest;   /* lora.init pissa: digest of run.dir/pissa-base ("" or NULL: not checked) */
     const char *resume_json;    /* this run's resume_config; NULL: not compared */
 } tp_state_expect;
 
 typedef struct tp_state_info {
     int64_t step, tokens_seen, consecutive_bad_steps, world_size; /* world_size 0 when absent */
+    int64_t tokens_trained; /* labelled tokens trained on; -1 when absent (checkpoints before the field) */
 } tp_state_info;
 
 /* TP_OK and *out filled, or TP_EFORMAT/TP_EINVAL with the message. */

@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -15,7 +16,9 @@
 
 #include "data/dataset.h"
 #include "data/textdata.h"
+#include "eval/perplexity.h"
 #include "io/hf_model.h"
+#include "linalg/svd.h"
 #include "model/run_json.h"
 #include "train/checkpoint.h"
 #include "train/export.h"
@@ -61,7 +64,8 @@ static const char *env_or(const char *name, const char *dflt) {
 
 /* The run: everything the loop needs, so helpers stay small. */
 typedef struct run {
-    const tp_train_cfg *cfg;
+    const tp_train_cfg *cfg; /* the run's own copy (schedule.epochs: total_steps set once the rows are known) */
+    tp_train_cfg *own;
     const tp_dist *d;
     tp_hf_model *hf;
     tp_decoder *m;
@@ -71,8 +75,16 @@ typedef struct run {
     tp_mm_backend used;
     float *adam_m, *adam_v;
     float *bk_theta, *bk_m, *bk_v; /* state before the update, to roll back a non-finite one */
-    int64_t step, tokens_seen;
+    int64_t step, tokens_seen, tokens_trained; /* tokens_trained: labelled tokens of the steps done */
     int bad_run;
+    double flop_token;  /* dense FLOP per token of a step (frozen weights 4, trained full weights 6, +2 recompute) */
+    double mm_rate;     /* GFLOP/s of the matmul backend on the model's shapes, measured at start-up (mean over
+                           ranks running at once); 0: not measured */
+    char mm_what[160];  /* how it was measured */
+    char pissa_dir[TP_PATH_MAX + 32]; /* lora.init pissa: run.dir/pissa-base, the base trained on ("" = none) */
+    char pissa_digest[48];            /* "xxh3:<16 hex>" of its files (rank 0) */
+    char *eval_shard;  /* validation: eval.path's shard, or the training shard (eval.split); NULL: none */
+    int64_t eval_rows; /* validation rows evaluated each time */
     int64_t empty_steps, nonfinite_steps; /* this process: steps skipped for either reason */
     char *resume_json;
     char data_digest[48]; /* "xxh3:<16 hex>" of the token shard (rank 0) */
@@ -89,6 +101,8 @@ static char *state_json(const run *R, double lr) {
     cJSON *s = cJSON_CreateObject();
     cJSON_AddNumberToObject(s, "step", (double)R->step);
     cJSON_AddNumberToObject(s, "tokens_seen", (double)R->tokens_seen);
+    if (R->tokens_trained >= 0) /* unknown after resuming a checkpoint from before the count */
+        cJSON_AddNumberToObject(s, "tokens_trained", (double)R->tokens_trained);
     cJSON_AddNumberToObject(s, "epoch", (double)tp_sampler_epoch(R->sampler, R->step));
     cJSON *cur = cJSON_AddObjectToObject(s, "data_cursor");
     cJSON_AddNumberToObject(cur, "next_step", (double)R->step);
@@ -96,6 +110,7 @@ static char *state_json(const run *R, double lr) {
     cJSON_AddNumberToObject(cur, "rows", (double)tp_dataset_rows(R->data));
     cJSON_AddNumberToObject(cur, "seed", (double)R->cfg->dec.seed);
     if (R->data_digest[0]) cJSON_AddStringToObject(cur, "digest", R->data_digest);
+    if (R->pissa_digest[0]) cJSON_AddStringToObject(s, "pissa_base_digest", R->pissa_digest);
     cJSON *sch = cJSON_AddObjectToObject(s, "schedule");
     cJSON_AddNumberToObject(sch, "lr_last", lr);
     cJSON_AddNumberToObject(sch, "lr_next", tp_lr_at(&R->cfg->sched, R->step));
@@ -152,10 +167,20 @@ static int save(run *R, double lr, tp_err *err) {
         rc = tp_fail(err, TP_EINVAL, "step %lld: refusing to checkpoint non-finite state (%s); the last checkpoint in "
                      "%s/checkpoints is kept", (long long)R->step, where, R->cfg->run_dir);
     else if (R->d->rank == 0) {
-        char *cfg = tp_run_config_json(R->cfg->model_path, &R->hf->cfg, &R->cfg->dec, R->used, R->step);
-        char *ad = tp_adapter_config_json(&R->cfg->dec, R->cfg->model_path);
+        /* the base the adapter applies to: PiSSA's residual base, else model.path */
+        const char *bpath = R->pissa_dir[0] ? R->pissa_dir : R->cfg->model_path;
+        char *cfg = tp_run_config_json_hub(bpath, R->pissa_dir[0] ? "" : R->cfg->hub_id, &R->hf->cfg, &R->cfg->dec,
+                                           R->used, R->step);
+        /* the PEFT adapter only when there is one (trainable: lora); its base
+         * is model.hub_id, else the absolute base path */
+        char base[TP_PATH_MAX + 40];
+        if (tp_abs_path(bpath, base, sizeof base) != 0) snprintf(base, sizeof base, "%s", bpath);
+        int lora = R->cfg->dec.trainable == TP_TRAIN_LORA;
+        char *ad = lora ? tp_adapter_config_json(&R->cfg->dec, R->cfg->hub_id[0] && !R->pissa_dir[0] ? R->cfg->hub_id
+                                                                                                      : base)
+                        : NULL;
         char *st = state_json(R, lr);
-        if (!cfg || !ad || !st) rc = tp_fail(err, TP_ENOMEM, "out of memory");
+        if (!cfg || (lora && !ad) || !st) rc = tp_fail(err, TP_ENOMEM, "out of memory");
         else {
             tp_ckpt_info info = {R->step, cfg, ad, st};
             rc = tp_ckpt_write(R->cfg->run_dir, R->m, R->adam_m, R->adam_v, &info, R->cfg->ckpt_keep, err);
@@ -330,6 +355,7 @@ static int check_state(run *R, const char *dir, const char *text, tp_state_info 
                           .epoch_of = epoch_of,
                           .epoch_ctx = R->sampler,
                           .data_digest = R->data_digest,
+                          .pissa_digest = R->pissa_digest,
                           .resume_json = R->resume_json};
     return tp_train_state_check(text, &ex, out, err);
 }
@@ -353,12 +379,12 @@ static int decide_resume(run *R, const char *mode, char **plan, tp_err *err) {
             if (tp_exists(m1) && rename(m1, m2) == 0)
                 fprintf(stderr, "tptt: --resume none: the earlier metrics.jsonl was moved to %s\n", m2);
         }
-        *plan = tp_strdup("0 0 0 0 ", err);
+        *plan = tp_strdup("0 0 0 0 0 ", err);
         return *plan ? TP_OK : TP_ENOMEM;
     }
     if (!strcmp(mode, "auto")) {
         if (!tp_ckpt_has_candidates(c->run_dir)) {
-            *plan = tp_strdup("0 0 0 0 ", err);
+            *plan = tp_strdup("0 0 0 0 0 ", err);
             return *plan ? TP_OK : TP_ENOMEM;
         }
         tp_err e2 = {0};
@@ -382,10 +408,11 @@ static int decide_resume(run *R, const char *mode, char **plan, tp_err *err) {
     free(st);
     if (rc) return rc;
     int64_t step = si.step, tokens = si.tokens_seen, bad = si.consecutive_bad_steps, ws = si.world_size;
-    size_t n = strlen(dir) + 96;
+    size_t n = strlen(dir) + 128;
     *plan = tp_malloc(n, err);
     if (!*plan) return TP_ENOMEM;
-    snprintf(*plan, n, "%lld %lld %lld %lld %s", (long long)step, (long long)tokens, (long long)bad, (long long)ws, dir);
+    snprintf(*plan, n, "%lld %lld %lld %lld %lld %s", (long long)step, (long long)tokens, (long long)bad, (long long)ws,
+             (long long)si.tokens_trained, dir);
     return TP_OK;
 }
 
@@ -401,9 +428,9 @@ static int resume(run *R, const char *mode, tp_err *err) {
         free(plan);
         return rc;
     }
-    long long step = 0, tokens = 0, bad = 0, ws = 0;
+    long long step = 0, tokens = 0, bad = 0, ws = 0, trained = 0;
     int off = 0;
-    if (!plan || sscanf(plan, "%lld %lld %lld %lld %n", &step, &tokens, &bad, &ws, &off) < 4) {
+    if (!plan || sscanf(plan, "%lld %lld %lld %lld %lld %n", &step, &tokens, &bad, &ws, &trained, &off) < 5) {
         free(plan);
         return tp_fail(err, TP_EIO, "resume: no decision from rank 0");
     }
@@ -413,6 +440,7 @@ static int resume(run *R, const char *mode, tp_err *err) {
         if (rc == TP_OK) {
             R->step = step;
             R->tokens_seen = tokens;
+            R->tokens_trained = trained; /* -1: a checkpoint from before the count (reported as unknown) */
             R->bad_run = (int)bad;
             if (R->d->rank == 0)
                 fprintf(stderr, "tptt: resuming from %s (step %lld%s)\n", dir, step,
@@ -483,33 +511,59 @@ static void metrics_write(run *R, const char *line, size_t n) {
     R->metrics_warned = 1;
 }
 
-static void log_step(run *R, double loss, double lr, double gnorm, int skipped, double step_time, int64_t step_tokens) {
+/* What one step reports. */
+typedef struct step_report {
+    double loss, lr, gnorm, step_time;
+    int skipped;
+    int64_t step_tokens;
+    int has_val;          /* evaluated after this step */
+    double val_loss;      /* mean loss over the validation tokens */
+    int64_t val_tokens;
+    double gflops;        /* dense GFLOP/s of this rank's step */
+} step_report;
+
+static void log_step(run *R, const step_report *sr) {
     const tp_train_cfg *c = R->cfg;
     if (R->d->rank != 0) return;
     double el = now_s() - R->t_start;
     int64_t done = R->step - R->step_start;
     double per = done > 0 ? el / (double)done : 0, eta = per * (double)(c->sched.total_steps - R->step);
-    double tps = step_time > 0 ? (double)step_tokens / step_time : 0;
+    double tps = sr->step_time > 0 ? (double)sr->step_tokens / sr->step_time : 0;
     double mu = tp_decoder_mu(R->m, 0);
-    char e1[16], e2[16];
+    int skipped = sr->skipped;
+    char e1[16], e2[16], val[96] = "";
     hms(e1, sizeof e1, el);
     hms(e2, sizeof e2, eta);
     int last = R->step == c->sched.total_steps;
-    if (R->step % c->log_every == 0 || last || skipped) {
-        fprintf(stdout, "%sstep %lld/%lld | loss %.4f | lr %.3e | mu %.3f | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s%s%s%s%s",
-                R->tty ? "\r\033[K" : "", (long long)R->step, (long long)c->sched.total_steps, loss, lr, mu, gnorm, tps,
-                e1, e2, skipped ? " | SKIPPED (" : "", skip_reason(skipped), skipped ? ")" : "",
-                R->tty && !last ? "" : "\n");
+    double vppl = sr->has_val ? exp(sr->val_loss) : 0;
+    if (sr->has_val) snprintf(val, sizeof val, " | val_loss %.4f | val_ppl %.4g", sr->val_loss, vppl);
+    char fl[64] = "";
+    double share = R->mm_rate > 0 ? sr->gflops / R->mm_rate : 0;
+    if (sr->gflops > 0 && R->mm_rate > 0) snprintf(fl, sizeof fl, " | %.1f GFLOP/s (%.0f%%)", sr->gflops, 100 * share);
+    if (R->step % c->log_every == 0 || last || skipped || sr->has_val) {
+        fprintf(stdout, "%sstep %lld/%lld | loss %.4f%s | lr %.3e | mu %.3f | gnorm %.3f | %.0f tok/s%s | %s elapsed | ETA %s%s%s%s%s",
+                R->tty ? "\r\033[K" : "", (long long)R->step, (long long)c->sched.total_steps, sr->loss, val, sr->lr, mu,
+                sr->gnorm, tps, fl, e1, e2, skipped ? " | SKIPPED (" : "", skip_reason(skipped), skipped ? ")" : "",
+                R->tty && !last && !sr->has_val ? "" : "\n");
         fflush(stdout);
         if (R->metrics_fd >= 0) {
-            char j1[40], j2[40], j3[40];
+            char j1[40], j2[40], j3[40], j4[40], j5[40];
             tp_strbuf b;
             tp_strbuf_init(&b);
             tp_strbuf_printf(&b,
-                             "{\"step\":%lld,\"loss\":%s,\"lr\":%s,\"mu\":%.9g,\"grad_norm\":%s,\"tokens\":%lld,"
-                             "\"tokens_per_s\":%.6g,\"elapsed_s\":%.6g,\"skipped\":%s,",
-                             (long long)R->step, jnum(j1, sizeof j1, loss), jnum(j3, sizeof j3, lr), mu,
-                             jnum(j2, sizeof j2, gnorm), (long long)R->tokens_seen, tps, el, skipped ? "true" : "false");
+                             "{\"step\":%lld,\"loss\":%s,\"lr\":%s,\"mu\":%.9g,\"grad_norm\":%s,\"tokens\":%lld,",
+                             (long long)R->step, jnum(j1, sizeof j1, sr->loss), jnum(j3, sizeof j3, sr->lr), mu,
+                             jnum(j2, sizeof j2, sr->gnorm), (long long)R->tokens_seen);
+            if (R->tokens_trained >= 0) tp_strbuf_printf(&b, "\"tokens_trained\":%lld,", (long long)R->tokens_trained);
+            else tp_strbuf_puts(&b, "\"tokens_trained\":null,");
+            if (sr->has_val)
+                tp_strbuf_printf(&b, "\"val_loss\":%s,\"val_ppl\":%s,\"val_tokens\":%lld,",
+                                 jnum(j4, sizeof j4, sr->val_loss), jnum(j5, sizeof j5, vppl), (long long)sr->val_tokens);
+            tp_strbuf_printf(&b, "\"tokens_per_s\":%.6g,", tps);
+            if (sr->gflops > 0) tp_strbuf_printf(&b, "\"gflops\":%.6g,", sr->gflops);
+            if (sr->gflops > 0 && R->mm_rate > 0)
+                tp_strbuf_printf(&b, "\"gflops_share\":%.4g,\"matmul_gflops\":%.6g,", share, R->mm_rate);
+            tp_strbuf_printf(&b, "\"elapsed_s\":%.6g,\"skipped\":%s,", el, skipped ? "true" : "false");
             if (skipped) tp_strbuf_printf(&b, "\"skip_reason\":\"%s\",", skip_reason(skipped));
             tp_strbuf_printf(&b, "\"world_size\":%d,\"slurm_job_id\":", R->d->world);
             tp_strbuf_json_string(&b, env_or("SLURM_JOB_ID", ""));
@@ -524,6 +578,140 @@ static void log_step(run *R, double loss, double lr, double gnorm, int skipped, 
     }
 }
 
+/* XXH3-64 over the regular files of dir in name order (name and bytes). */
+static int dir_digest(const char *dir, char *out, size_t n, tp_err *err) {
+    struct dirent **ents = NULL;
+    int ne = scandir(dir, &ents, NULL, alphasort);
+    if (ne < 0) return tp_fail(err, TP_EIO, "%s: cannot list: %s", dir, strerror(errno));
+    XXH3_state_t *xs = XXH3_createState();
+    size_t bufsz = (size_t)4 << 20;
+    unsigned char *buf = malloc(bufsz);
+    int rc = xs && buf ? TP_OK : tp_fail(err, TP_ENOMEM, "out of memory");
+    if (rc == TP_OK) XXH3_64bits_reset(xs);
+    for (int i = 0; i < ne; i++) {
+        char path[TP_PATH_MAX + 300];
+        snprintf(path, sizeof path, "%s/%s", dir, ents[i]->d_name);
+        struct stat st;
+        if (rc == TP_OK && ents[i]->d_name[0] != '.' && stat(path, &st) == 0 && S_ISREG(st.st_mode)) {
+            XXH3_64bits_update(xs, ents[i]->d_name, strlen(ents[i]->d_name) + 1);
+            int fd = tp_open_regular(path, NULL, err);
+            if (fd < 0) rc = fd;
+            for (; rc == TP_OK;) {
+                ssize_t got = read(fd, buf, bufsz);
+                if (got < 0 && errno == EINTR) continue;
+                if (got < 0) rc = tp_fail(err, TP_EIO, "%s: read failed: %s", path, strerror(errno));
+                if (got <= 0) break;
+                XXH3_64bits_update(xs, buf, (size_t)got);
+            }
+            if (fd >= 0) close(fd);
+        }
+        free(ents[i]);
+    }
+    free(ents);
+    if (rc == TP_OK) snprintf(out, n, "xxh3:%016llx", (unsigned long long)XXH3_64bits_digest(xs));
+    if (xs) XXH3_freeState(xs);
+    free(buf);
+    return rc;
+}
+
+/* lora.init: pissa (collective). Every LoRA pair starts at the principal
+ * components of its frozen weight (tp_pissa_init: every rank, the same
+ * order); the residual base W - s·B·A is written once by rank 0 as
+ * run.dir/pissa-base (a merged export of the base with -B: safetensors F32,
+ * config.json, tokenizer files; into a temporary directory renamed into
+ * place) and reused when it exists; then the decoder is rebuilt on it.
+ * need_ab = 0 (a checkpoint will supply A and B): no SVD when the residual
+ * base is there. */
+static int setup_pissa(run *R, int need_ab, tp_err *err) {
+    const tp_train_cfg *c = R->cfg;
+    snprintf(R->pissa_dir, sizeof R->pissa_dir, "%s/pissa-base", c->run_dir);
+    char probe[TP_PATH_MAX + 64];
+    snprintf(probe, sizeof probe, "%s/config.json", R->pissa_dir);
+    int have = tp_exists(probe);
+    int rc = TP_OK;
+    size_t n = tp_decoder_numel(R->m);
+    float *theta = tp_decoder_theta(R->m);
+    if (need_ab || !have) {
+        tp_la *la = NULL;
+        if ((rc = tp_la_create(0, &la, err))) return tp_err_prefix(err, "lora.init: pissa");
+        double scale = c->dec.lora.rslora ? c->dec.lora.alpha / sqrt((double)c->dec.lora.r)
+                                          : c->dec.lora.alpha / (double)c->dec.lora.r;
+        tp_pissa_opts po = {.r = c->dec.lora.r, .scale = scale, .niter = c->pissa_niter, .oversample = 0,
+                            .seed = c->dec.seed};
+        double t0 = now_s();
+        int count = 0;
+        for (size_t i = 0; i < tp_decoder_nparams(R->m) && rc == TP_OK; i++) {
+            const tp_param *pa = tp_decoder_param(R->m, i);
+            const char *suf = strstr(pa->name, ".lora_A.weight");
+            if (!pa->is_lora || !suf || strncmp(pa->name, "base_model.model.", 17)) continue;
+            /* its lora_B and the frozen weight "<module>.weight" */
+            char bname[TP_PARAM_NAME_MAX], wname[TP_PARAM_NAME_MAX];
+            snprintf(bname, sizeof bname, "%.*s.lora_B.weight", (int)(suf - pa->name), pa->name);
+            snprintf(wname, sizeof wname, "%.*s.weight", (int)(suf - pa->name - 17), pa->name + 17);
+            const tp_param *pb = NULL;
+            for (size_t j = 0; j < tp_decoder_nparams(R->m); j++)
+                if (!strcmp(tp_decoder_param(R->m, j)->name, bname)) pb = tp_decoder_param(R->m, j);
+            const tp_tensor_view *wv = NULL;
+            for (size_t j = 0; j < R->hf->nweights; j++)
+                if (!strcmp(R->hf->desc[j].name, wname)) wv = R->hf->views[j];
+            if (!pb || !wv || wv->ndim != 2) {
+                rc = tp_fail(err, TP_EINVAL, "lora.init: pissa: no lora_B or base weight %s for %s", wname, pa->name);
+                break;
+            }
+            tp_la_src src = {wv->data, 0, wv->dtype, wv->shape[0], wv->shape[1], wv->shape[1], wname};
+            rc = tp_pissa_init(la, &src, &po, theta + pa->offset, theta + pb->offset, NULL, NULL, err);
+            count++;
+        }
+        tp_la_destroy(la);
+        if (rc) return tp_err_prefix(err, "lora.init: pissa");
+        if (R->d->rank == 0)
+            fprintf(stderr, "tptt: PiSSA: %d LoRA modules initialised from the principal components (%s) in %.1f s\n",
+                    count, c->pissa_niter < 0 ? "exact SVD" : "randomized SVD", now_s() - t0);
+    }
+    /* rank 0 writes the residual base once */
+    if (R->d->rank == 0 && !have) {
+        float *sv = malloc(n * sizeof(float));
+        if (!sv) rc = tp_fail(err, TP_ENOMEM, "out of memory");
+        else {
+            memcpy(sv, theta, n * sizeof(float));
+            for (size_t i = 0; i < tp_decoder_nparams(R->m); i++) { /* W + s·(-B)·A = W - s·B·A */
+                const tp_param *p = tp_decoder_param(R->m, i);
+                if (p->is_lora && strstr(p->name, ".lora_B.weight"))
+                    for (size_t e = 0; e < p->numel; e++) theta[p->offset + e] = -theta[p->offset + e];
+            }
+            tp_export_opts eo = {.format = TP_EXPORT_MERGED, .dtype = TP_F32, .drop_liza = 1, .step = 0};
+            tp_strbuf rep;
+            tp_strbuf_init(&rep);
+            rc = tp_export(R->hf, R->m, &eo, R->pissa_dir, &rep, err);
+            tp_strbuf_free(&rep);
+            memcpy(theta, sv, n * sizeof(float));
+            free(sv);
+            if (rc) tp_err_prefix(err, "lora.init: pissa: writing the residual base %s", R->pissa_dir);
+            else fprintf(stderr, "tptt: PiSSA: wrote the residual base %s (F32)\n", R->pissa_dir);
+        }
+    } else if (R->d->rank == 0) {
+        fprintf(stderr, "tptt: PiSSA: reusing the residual base %s\n", R->pissa_dir);
+    }
+    if ((rc = tp_dist_agree(R->d, rc, err))) return rc;
+    /* rebuild on the residual base, keeping the trainables (the PiSSA A, B) */
+    float *keep = malloc(n * sizeof(float));
+    if (!keep) return tp_fail(err, TP_ENOMEM, "out of memory");
+    memcpy(keep, theta, n * sizeof(float));
+    tp_decoder_opts o = *tp_decoder_options(R->m);
+    tp_decoder_destroy(R->m);
+    R->m = NULL;
+    tp_hf_close(R->hf);
+    R->hf = NULL;
+    if ((rc = tp_hf_open(R->pissa_dir, &R->hf, err)) == TP_OK && (rc = tp_decoder_create(R->hf, &o, &R->m, err)) == TP_OK) {
+        if (tp_decoder_numel(R->m) != n) rc = tp_fail(err, TP_EINVAL, "%s: a different model", R->pissa_dir);
+        else memcpy(tp_decoder_theta(R->m), keep, n * sizeof(float));
+    }
+    free(keep);
+    if (rc) return tp_err_prefix(err, "lora.init: pissa: %s", R->pissa_dir);
+    if (R->d->rank == 0) rc = dir_digest(R->pissa_dir, R->pissa_digest, sizeof R->pissa_digest, err);
+    return rc;
+}
+
 static int setup(run *R, tp_err *err) {
     const tp_train_cfg *c = R->cfg;
     int rc = tp_hf_open(c->model_path, &R->hf, err);
@@ -536,7 +724,7 @@ static int setup(run *R, tp_err *err) {
         for (size_t i = 0; i < R->hf->nweights; i++) all_bf16 &= R->hf->views[i]->dtype == TP_BF16;
         o.matmul = all_bf16 && cpu.avx512_bf16 ? TP_MM_BF16 : TP_MM_F32;
     }
-    R->used = o.matmul;
+    R->used = tp_mm_backend_effective(o.matmul);
     if ((rc = tp_decoder_create(R->hf, &o, &R->m, err))) return rc;
     return TP_OK;
 }
@@ -589,12 +777,30 @@ static int setup_data(run *R, const char *shard, tp_err *err) {
     int flags = (!strcmp(c->data.long_docs, "drop") ? TP_DATA_DROP_LONG : 0) |
                 (!strcmp(c->data.packing, "pad") ? TP_DATA_PAD : 0);
     int rc;
-    if ((rc = tp_dataset_open(shard, c->data.seq_len, flags, &R->data, err))) return rc;
+    if (c->eval.split > 0)
+        rc = tp_dataset_open_split(shard, c->data.seq_len, flags, c->eval.split, c->dec.seed, TP_SPLIT_TRAIN, &R->data,
+                                   err);
+    else
+        rc = tp_dataset_open(shard, c->data.seq_len, flags, &R->data, err);
+    if (rc) return rc;
     if (tp_dataset_max_token(R->data) >= (uint64_t)R->hf->cfg.vocab)
         return tp_fail(err, TP_EINVAL, "%s: token id %llu is outside the model's vocabulary (vocab_size %lld in %s/config.json)",
                        shard, (unsigned long long)tp_dataset_max_token(R->data), (long long)R->hf->cfg.vocab,
                        c->model_path);
-    if (tp_dataset_rows(R->data) < 1) return tp_fail(err, TP_EINVAL, "%s: no training rows", shard);
+    if (tp_dataset_rows(R->data) < 1)
+        return tp_fail(err, TP_EINVAL, "%s: no training rows%s", shard,
+                       c->eval.split > 0 ? " left after eval.split held out its documents" : "");
+    if (c->epochs > 0) {
+        /* schedule.epochs: total_steps from the rows, validated as if it had been written */
+        R->own->sched.total_steps = tp_train_cfg_total_steps(c, tp_dataset_rows(R->data));
+        if (c->sched.warmup_steps > c->sched.total_steps)
+            return tp_fail(err, TP_EINVAL,
+                           "schedule.warmup_steps (%lld) > the %lld steps of schedule.epochs %g (%lld rows, batch.global "
+                           "%lld)",
+                           (long long)c->sched.warmup_steps, (long long)c->sched.total_steps, c->epochs,
+                           (long long)tp_dataset_rows(R->data), (long long)c->global_batch);
+        if ((rc = tp_lr_schedule_validate(&c->sched, err))) return tp_err_prefix(err, "schedule.epochs");
+    }
     if ((rc = tp_sampler_create(tp_dataset_rows(R->data), c->global_batch, c->dec.seed, &R->sampler, err))) return rc;
     if ((rc = tp_grad_sync_create(R->m, c->bucket_mb, R->d->world, &R->sync, err))) return rc;
     size_t n = tp_decoder_numel(R->m);
@@ -609,9 +815,190 @@ static int setup_data(run *R, const char *shard, tp_err *err) {
     return TP_OK;
 }
 
+/* Rank 0, start-up: what the run will train on. */
+static void data_summary(run *R, const char *shard) {
+    const tp_train_cfg *c = R->cfg;
+    int64_t T = c->data.seq_len, rows = tp_dataset_rows(R->data), G = c->global_batch;
+    tp_shard sh;
+    tp_err e2 = {0};
+    int64_t docs = -1, held = 0;
+    if (tp_shard_map(shard, &sh, &e2) == TP_OK) {
+        docs = (int64_t)sh.n_docs;
+        if (c->eval.split > 0)
+            for (uint64_t i = 0; i < sh.n_docs; i++) held += tp_dataset_doc_heldout(c->dec.seed, c->eval.split, i);
+        tp_shard_unmap(&sh);
+    }
+    /* labelled tokens of one pass over the rows (what an epoch trains on) */
+    int64_t labelled = 0;
+    int32_t *buf = malloc((size_t)T * 4 * sizeof(int32_t));
+    if (buf) {
+        for (int64_t r = 0; r < rows; r++) {
+            tp_dataset_row(R->data, r, buf, buf + T, buf + 2 * T, buf + 3 * T);
+            for (int64_t k = 0; k < T; k++) labelled += buf[T + k] != -100;
+        }
+        free(buf);
+    } else {
+        labelled = -1;
+    }
+    double spe = (double)rows / (double)G, epochs = (double)c->sched.total_steps * (double)G / (double)rows;
+    char hd[96] = "";
+    if (c->eval.split > 0)
+        snprintf(hd, sizeof hd, " (%lld more held out for validation, eval.split %g)", (long long)held, c->eval.split);
+    fprintf(stderr,
+            "data: %lld documents%s, %lld rows of %lld tokens, %lld trained (labelled) tokens per epoch; %.4g steps "
+            "per epoch at batch.global %lld; this run: %lld steps = %.4g epochs%s\n",
+            (long long)(docs - held), hd, (long long)rows, (long long)T, (long long)labelled, spe, (long long)G,
+            (long long)c->sched.total_steps, epochs, c->epochs > 0 ? " (schedule.epochs)" : "");
+    if (R->eval_shard)
+        fprintf(stderr, "validation: %lld rows of %lld tokens from %s%s, every %lld steps and after the last step\n",
+                (long long)R->eval_rows, (long long)T, c->eval.split > 0 ? "the held-out documents of " : "",
+                c->eval.split > 0 ? c->data.path : c->eval.path,
+                (long long)(c->eval.every > 0 ? c->eval.every : c->sched.total_steps));
+    if (epochs > 3.0)
+        fprintf(stderr,
+                "tptt: warning: the run repeats the training data %.3g times (more than ~3 epochs tends to overfit; "
+                "lower schedule.total_steps, set schedule.epochs, or add data%s)\n",
+                epochs, R->eval_shard ? "" : ", and set eval.path or eval.split to watch the validation loss");
+}
+
+/* After the training data: the validation shard (collective when eval.path
+ * has to be tokenized), and its row count, checked to be non-empty. */
+static int setup_eval(run *R, const char *train_shard, tp_tokenizer *tok, tp_err *err) {
+    const tp_train_cfg *c = R->cfg;
+    int rc = TP_OK;
+    if (c->eval.path[0]) {
+        tp_train_cfg *ec = tp_malloc(sizeof *ec, err);
+        if (!ec) rc = TP_ENOMEM;
+        else {
+            *ec = *c;
+            snprintf(ec->data.path, sizeof ec->data.path, "%s", c->eval.path);
+            rc = tp_textdata_prepare(ec, tok, R->d, &R->eval_shard, err); /* collective */
+            free(ec);
+        }
+        if (rc) return tp_err_prefix(err, "eval.path");
+    } else if (c->eval.split > 0) {
+        if (!(R->eval_shard = tp_strdup(train_shard, err))) return TP_ENOMEM;
+    } else {
+        return TP_OK;
+    }
+    tp_dataset *ds = NULL;
+    rc = c->eval.split > 0 ? tp_dataset_open_split(R->eval_shard, c->data.seq_len, 0, c->eval.split, c->dec.seed,
+                                                   TP_SPLIT_HELDOUT, &ds, err)
+                           : tp_dataset_open(R->eval_shard, c->data.seq_len, 0, &ds, err);
+    if (rc) return tp_err_prefix(err, c->eval.split > 0 ? "eval.split" : "eval.path");
+    R->eval_rows = tp_dataset_rows(ds);
+    if (c->eval.max_rows && R->eval_rows > c->eval.max_rows) R->eval_rows = c->eval.max_rows;
+    if (R->eval_rows < 1)
+        rc = c->eval.split > 0
+                 ? tp_fail(err, TP_EINVAL, "eval.split: %g of the documents of %s held out none (too few documents; "
+                           "raise eval.split or use eval.path)", c->eval.split, c->data.path)
+                 : tp_fail(err, TP_EINVAL, "eval.path: %s: no rows to evaluate", c->eval.path);
+    else if (tp_dataset_max_token(ds) >= (uint64_t)R->hf->cfg.vocab)
+        rc = tp_fail(err, TP_EINVAL, "eval.path: %s: token id %llu is outside the model's vocabulary (vocab_size %lld)",
+                     R->eval_shard, (unsigned long long)tp_dataset_max_token(ds), (long long)R->hf->cfg.vocab);
+    tp_dataset_close(ds);
+    return rc;
+}
+
+/* Collective: the validation loss of the model as it is after R->step steps
+ * (MaG schedules at that step), without dropout; changes no training state. */
+static int run_eval(run *R, double *loss, int64_t *tokens, tp_err *err) {
+    const tp_train_cfg *c = R->cfg;
+    tp_ppl_opts o = {.seq_len = c->data.seq_len,
+                     .stride = 0,
+                     .micro = c->micro_batch,
+                     .max_rows = c->eval.max_rows,
+                     .split = c->eval.split,
+                     .split_seed = c->dec.seed};
+    tp_ppl_result r;
+    tp_decoder_set_step(R->m, R->step);
+    tp_decoder_set_eval(R->m, 1);
+    int rc = tp_eval_perplexity(R->m, R->eval_shard, &o, R->d, &r, err);
+    tp_decoder_set_eval(R->m, 0);
+    if (rc) return tp_err_prefix(err, "validation");
+    *tokens = r.tokens;
+    *loss = r.tokens > 0 ? r.loss_sum / (double)r.tokens : NAN;
+    return TP_OK;
+}
+
+/* Dense FLOP per token of one optimizer step, counting the products with
+ * the model's weight matrices only (not attention scores, LiZA, LoRA, norms):
+ * 2 for the forward and 2 for dX of every frozen matrix, 2 more for dW of a
+ * trained full matrix (trainable: projections / all), 2 more for the
+ * recomputed forward of the layers (compute.recompute). */
+static double flop_per_token(const run *R) {
+    const tp_decoder_opts *o = &R->cfg->dec;
+    double f = 0;
+    for (size_t i = 0; i < R->hf->nweights; i++) {
+        const tp_weight_desc *w = &R->hf->desc[i];
+        int mod = w->kind == TP_W_Q ? TP_MOD_Q : w->kind == TP_W_K ? TP_MOD_K : w->kind == TP_W_V ? TP_MOD_V
+                  : w->kind == TP_W_O ? TP_MOD_O : w->kind == TP_W_GATE ? TP_MOD_GATE : w->kind == TP_W_UP ? TP_MOD_UP
+                  : w->kind == TP_W_DOWN ? TP_MOD_DOWN : -1;
+        int head = w->kind == TP_W_LM_HEAD || (w->kind == TP_W_EMBED && R->hf->cfg.tie_embeddings);
+        if (w->ndim != 2 || (mod < 0 && !head)) continue;
+        int trained = o->trainable == TP_TRAIN_ALL ||
+                      (o->trainable == TP_TRAIN_PROJECTIONS && mod >= 0 && ((o->lora.targets >> mod) & 1));
+        double coef = 4 + (trained ? 2 : 0) + (o->recompute && mod >= 0 ? 2 : 0);
+        f += coef * (double)w->shape[0] * (double)w->shape[1];
+    }
+    return f;
+}
+
+/* Collective: the rate of the matmul backend in use on the model's largest
+ * layer matrix (its stored dtype), n = the micro-batch's tokens (at most
+ * 1024, and at most ~15 GFLOP a product): forward and dX products
+ * alternately for about 0.3 s (< 1 s). Every
+ * rank measures at the same time (as they will run), the mean is kept. */
+static void measure_rate(run *R) {
+    const tp_train_cfg *c = R->cfg;
+    const tp_tensor_view *best = NULL;
+    for (size_t i = 0; i < R->hf->nweights; i++) {
+        const tp_weight_desc *w = &R->hf->desc[i];
+        if (w->ndim != 2 || w->layer < 0 || w->kind == TP_W_EMBED) continue;
+        if (!best || R->hf->views[i]->numel > best->numel) best = R->hf->views[i];
+    }
+    double rate = 0;
+    int64_t n = c->micro_batch * c->data.seq_len;
+    if (n > 1024) n = 1024;
+    tp_matmul *mm = NULL;
+    tp_err e2 = {0};
+    float *x = NULL, *y = NULL;
+    if (best && best->ndim == 2 && tp_matmul_create(R->used, &mm, &e2) == TP_OK) {
+        int64_t rows = best->shape[0], cols = best->shape[1], big = rows > cols ? rows : cols;
+        /* at most ~15 GFLOP a product, so warm-up + 2 timed products stay under a second */
+        int64_t cap = (int64_t)(15e9 / (2.0 * (double)rows * (double)cols));
+        if (n > cap) n = cap < 32 ? 32 : cap;
+        x = malloc((size_t)(n * big) * sizeof(float));
+        y = malloc((size_t)(n * big) * sizeof(float));
+        if (x && y) {
+            for (int64_t i = 0; i < n * big; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+            tp_weight w = {best->data, best->dtype, rows, cols};
+            int ok = tp_mm_xwt(mm, x, n, &w, y, 0, &e2) == TP_OK; /* warm-up (buffers, packing) */
+            double t0 = now_s(), t = 0;
+            int64_t k = 0;
+            for (; ok && (t < 0.3 || k < 2) && k < 200; k++) {
+                ok = (k & 1) ? tp_mm_dyw(mm, x, n, &w, y, 0, &e2) == TP_OK : tp_mm_xwt(mm, x, n, &w, y, 0, &e2) == TP_OK;
+                t = now_s() - t0;
+            }
+            if (ok && t > 0) rate = 2.0 * (double)n * (double)rows * (double)cols * (double)k / t * 1e-9;
+            snprintf(R->mm_what, sizeof R->mm_what, "%s on [%lld x %lld] %s, %lld tokens",
+                     tp_matmul_backend(mm) == TP_MM_BF16 ? "oneDNN bf16" : "sgemm", (long long)rows, (long long)cols,
+                     tp_dtype_name(best->dtype), (long long)n);
+        }
+    }
+    free(x);
+    free(y);
+    tp_matmul_destroy(mm);
+    /* every rank takes part, measured or not */
+    double ok_ranks = tp_dist_sum_f64(rate > 0 ? 1.0 : 0.0), sum = tp_dist_sum_f64(rate);
+    R->mm_rate = ok_ranks == (double)R->d->world ? sum / ok_ranks : 0;
+    R->flop_token = flop_per_token(R);
+}
+
 static void teardown(run *R) {
     if (R->metrics_fd >= 0) close(R->metrics_fd);
     release_lock(R);
+    free(R->eval_shard);
     free(R->resume_json);
     free(R->bk_theta);
     free(R->bk_m);
@@ -637,6 +1024,20 @@ static int train_step(run *R, int32_t *ids, int32_t *lab, int32_t *ds, int32_t *
         tp_dataset_row(R->data, row, ids + i * T, lab + i * T, ds + i * T, pos + i * T);
     }
     for (int64_t i = 0; i < per * T; i++) local_cnt += lab[i] != -100;
+    /* test hook: every rank appends the rows it trains on ("step slot id id ...", labelled ids only) */
+    const char *rows_log = getenv("TPTT_TEST_ROWS_LOG");
+    if (rows_log && *rows_log) {
+        char path[TP_PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s.%d", rows_log, R->d->rank);
+        FILE *f = fopen(path, "a");
+        for (int64_t i = 0; f && i < per; i++) {
+            fprintf(f, "%lld %lld", (long long)R->step, (long long)(first + i));
+            for (int64_t k = 0; k < T; k++)
+                if (lab[i * T + k] != -100) fprintf(f, " %d", ids[i * T + k]);
+            fputc('\n', f);
+        }
+        if (f) fclose(f);
+    }
     int64_t global_cnt = tp_dist_sum_i64(local_cnt);
     tp_decoder_set_step(R->m, R->step);
     tp_decoder_zero_grad(R->m);
@@ -713,15 +1114,34 @@ static int train_step(run *R, int32_t *ids, int32_t *lab, int32_t *ds, int32_t *
     }
     R->step++;
     R->tokens_seen += G * T;
+    if (R->tokens_trained >= 0) R->tokens_trained += global_cnt;
     return TP_OK;
 }
 
-int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist *d) {
-    tp_err err = {0};
+static int train_run(run *R0, const char *resume_mode);
+
+int tp_train_run(const tp_train_cfg *cfg0, const char *resume_mode, const tp_dist *d) {
     run R;
     memset(&R, 0, sizeof R);
-    R.cfg = cfg;
     R.d = d;
+    /* the run's own copy of the config: schedule.epochs becomes total_steps */
+    R.own = malloc(sizeof *R.own);
+    if (!R.own) {
+        fprintf(stderr, "tptt: out of memory\n");
+        return TP_EXIT_ERROR;
+    }
+    *R.own = *cfg0;
+    R.cfg = R.own;
+    int code = train_run(&R, resume_mode);
+    free(R.own);
+    return code;
+}
+
+static int train_run(run *R0, const char *resume_mode) {
+    tp_err err = {0};
+    run R = *R0;
+    const tp_train_cfg *cfg = R.cfg;
+    const tp_dist *d = R.d;
     /* mpirun gives rank 0 a pty even when the job log is a file: the updating
      * line is only for a plain interactive process */
     R.tty = d->rank == 0 && d->world == 1 && isatty(STDOUT_FILENO) && !getenv("OMPI_COMM_WORLD_SIZE") &&
@@ -746,11 +1166,19 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
     char *shard = NULL;
     rc = setup(&R, &err);
     if (rc == TP_OK) rc = setup_tokenizer(&R, &tok, &err);
-    if ((rc = tp_dist_agree(d, rc, &err)) == TP_OK) {
+    if ((rc = tp_dist_agree(d, rc, &err)) == TP_OK && cfg->pissa) {
+        /* A and B from the SVDs unless a checkpoint will replace them */
+        int need_ab = !strcmp(resume_mode, "none") || !tp_ckpt_has_candidates(cfg->run_dir);
+        rc = tp_dist_agree(d, setup_pissa(&R, need_ab, &err), &err);
+    }
+    if (rc == TP_OK) {
         rc = tp_textdata_prepare(cfg, tok, d, &shard, &err);
         if (rc == TP_OK) rc = setup_data(&R, shard, &err);
+        /* eval.path is tokenized like the training data: collective again */
+        if ((rc = tp_dist_agree(d, rc, &err)) == TP_OK) rc = setup_eval(&R, shard, tok, &err);
     }
     if (tok) tp_tokenizer_free(tok);
+    if (rc == TP_OK && d->rank == 0) data_summary(&R, shard);
     free(shard);
     if (rc == TP_OK) rc = resume(&R, resume_mode, &err);
     /* a failure on any rank stops every rank */
@@ -759,6 +1187,7 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
         return TP_EXIT_ERROR;
     }
     tp_train_install_signals(); /* normally done by cmd_train before MPI_Init already */
+    measure_rate(&R); /* collective */
     if (d->rank == 0) {
         metrics_open(&R);
         char plat[512];
@@ -769,6 +1198,12 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
                 cfg->model_path, d->world, d->world > 1 ? "s" : "", tp_decoder_nparams(R.m), tp_decoder_numel(R.m),
                 tp_mm_backend_name(R.used), tp_grad_sync_buckets(R.sync), plat, env_or("SLURM_JOB_ID", "-"),
                 env_or("SLURM_RESTART_COUNT", "0"), env_or("SLURM_JOB_NODELIST", "-"));
+        if (R.mm_rate > 0)
+            fprintf(stderr,
+                    "efficiency: %.4g dense GFLOP per token per step (weight products: forward, dX%s%s); matmul rate "
+                    "%.1f GFLOP/s per rank (%s, measured now); each step reports its GFLOP/s and share of it\n",
+                    R.flop_token * 1e-9, cfg->dec.trainable != TP_TRAIN_LORA ? ", dW of trained weights" : "",
+                    cfg->dec.recompute ? ", recompute" : "", R.mm_rate, R.mm_what);
     }
     int64_t per = cfg->global_batch / d->world, T = cfg->data.seq_len;
     int32_t *ids = malloc((size_t)(per * T) * sizeof(int32_t)), *lab = malloc((size_t)(per * T) * sizeof(int32_t));
@@ -795,13 +1230,21 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
     long long stop_at = getenv("TPTT_TEST_STOP_AT_STEP") ? atoll(getenv("TPTT_TEST_STOP_AT_STEP")) : -1;
     double lr = 0;
     while (rc == TP_OK && exit_code == TP_EXIT_FINISHED && R.step < cfg->sched.total_steps) {
-        double loss, gnorm, t0 = now_s();
-        int skipped;
-        int64_t toks;
+        step_report sr = {0};
+        double t0 = now_s();
         lr = tp_lr_at(&cfg->sched, R.step);
-        rc = train_step(&R, ids, lab, ds, pos, &loss, &gnorm, &skipped, &toks, &err);
+        sr.lr = lr;
+        rc = train_step(&R, ids, lab, ds, pos, &sr.loss, &sr.gnorm, &sr.skipped, &sr.step_tokens, &err);
         if (rc) break; /* only the non-finite abort gets here, on every rank alike */
-        log_step(&R, loss, lr, gnorm, skipped, now_s() - t0, toks);
+        sr.step_time = now_s() - t0;
+        if (sr.step_time > 0)
+            sr.gflops = R.flop_token * (double)(cfg->global_batch / d->world * T) / sr.step_time * 1e-9;
+        /* validation: every eval.every steps and after the last one */
+        if (R.eval_shard && ((cfg->eval.every > 0 && R.step % cfg->eval.every == 0) || R.step == cfg->sched.total_steps)) {
+            if ((rc = run_eval(&R, &sr.val_loss, &sr.val_tokens, &err))) break;
+            sr.has_val = 1;
+        }
+        log_step(&R, &sr);
         if (stop_at >= 0 && R.step == stop_at) g_stop_signal = SIGUSR1;
         int stop = tp_dist_max_int(g_stop_signal != 0);
         int done = R.step == cfg->sched.total_steps;
@@ -840,5 +1283,6 @@ int tp_train_run(const tp_train_cfg *cfg, const char *resume_mode, const tp_dist
     free(ds);
     free(pos);
     teardown(&R);
+    *R0 = R;
     return exit_code;
 }

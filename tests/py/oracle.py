@@ -392,7 +392,9 @@ class LizaConfig:
         try:
             kw = dict(order=rc["order"], alpha_gate=rc["alpha_gate"], beta_gate=rc["beta_gate"],
                       linear=rc["linear"], trick=rc["trick"], chunk=conf["max_chunk_size"],
-                      mu0=float(conf["mag_weight"]))
+                      # mu0: "mag_mu0"; configs without it (older checkpoints, hand-written
+                      # configs) hold mu0 in "mag_weight", which now is the mu at mag_step
+                      mu0=float(conf["mag_mu0"] if "mag_mu0" in conf else conf["mag_weight"]))
         except KeyError as e:
             raise ValueError("LiZA config lacks %s" % e)
         opt = dict(base_scale_attn="base_scale_attn", cross_gate="cross_gate", mag_mode="mag_mode",
