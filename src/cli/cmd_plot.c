@@ -2,26 +2,19 @@
  * (records with "val_loss", when the run evaluated) and learning rate
  * against the step, drawn by gnuplot (Debian package gnuplot-nox).
  *
- * No user string ever becomes gnuplot code: gnuplot is started without a
- * shell (posix_spawnp), its script comes from a pipe and holds only fixed text,
- * numbers we formatted, and a title reduced to a safe character set; the data
- * go inline as a datablock; the PNG goes to gnuplot's stdout, which is a file
- * we opened ourselves (a temporary name next to OUT, renamed into place). */
+ * No user string ever becomes gnuplot code (util/gnuplot.h): the script
+ * holds only fixed text, numbers we formatted, and a title reduced to a safe
+ * character set; the data go inline as a datablock. */
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "cli/cli.h"
 #include "util/fsutil.h"
+#include "util/gnuplot.h"
 
-extern char **environ;
 
 /* Title text: the file name with every character outside a safe set
  * replaced by '?', so it cannot end the quoted gnuplot string. */
@@ -33,58 +26,6 @@ static void safe_title(char *dst, size_t n, const char *src) {
         dst[k++] = ok ? (char)*p : '?';
     }
     dst[k] = 0;
-}
-
-/* Run gnuplot with script on its stdin, stdout into out_fd, stderr into
- * err_fd. Returns its exit status (-1: could not start or killed). */
-static int run_gnuplot(const char *script, size_t len, int out_fd, int err_fd) {
-    int in[2];
-    if (pipe(in) != 0) return -1;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
-    posix_spawn_file_actions_adddup2(&fa, err_fd, 2);
-    posix_spawn_file_actions_addclose(&fa, in[1]);
-    char *argv[] = {"gnuplot", NULL};
-    pid_t pid;
-    int rc = posix_spawnp(&pid, "gnuplot", &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    close(in[0]);
-    if (rc != 0) {
-        close(in[1]);
-        return -1;
-    }
-    void (*old)(int) = signal(SIGPIPE, SIG_IGN);
-    size_t off = 0;
-    while (off < len) {
-        ssize_t w = write(in[1], script + off, len - off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) break;
-        off += (size_t)w;
-    }
-    close(in[1]);
-    signal(SIGPIPE, old);
-    int st;
-    while (waitpid(pid, &st, 0) < 0)
-        if (errno != EINTR) return -1;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-/* First line of what gnuplot wrote to stderr (for the error message). */
-static void first_line(FILE *f, char *buf, size_t n) {
-    buf[0] = 0;
-    rewind(f);
-    while (fgets(buf, (int)n, f)) {
-        buf[strcspn(buf, "\r\n")] = 0;
-        char *s = buf;
-        while (*s == ' ' || *s == '\t' || *s == '^') s++;
-        if (*s) {
-            memmove(buf, s, strlen(s) + 1);
-            return;
-        }
-    }
-    buf[0] = 0;
 }
 
 int tp_cmd_plot(int argc, char **argv) {
@@ -182,37 +123,12 @@ int tp_cmd_plot(int argc, char **argv) {
         fprintf(stderr, "tptt: %s: no metrics records with a loss\n", in);
         return 1;
     }
-    char *tmp = tp_tmp_name(out, &err);
-    int fd = tmp ? open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666) : -1;
-    FILE *ef = tmpfile();
-    if (fd < 0 || !ef) {
-        fprintf(stderr, "tptt: %s: cannot create: %s\n", tmp ? tmp : out, strerror(errno));
-        if (fd >= 0) { close(fd); unlink(tmp); }
-        if (ef) fclose(ef);
-        free(tmp);
-        tp_strbuf_free(&s);
-        return 1;
-    }
-    int st = run_gnuplot(s.buf, s.len, fd, fileno(ef));
+    int rc = tp_gnuplot_png(s.buf, s.len, out, &err);
     tp_strbuf_free(&s);
-    int closed = close(fd);
-    char msg[512];
-    first_line(ef, msg, sizeof msg);
-    fclose(ef);
-    if (st != 0 || closed != 0 || tp_file_size(tmp) <= 0) {
-        unlink(tmp);
-        free(tmp);
-        if (st < 0) fprintf(stderr, "tptt: plot: cannot run gnuplot (apt-get install gnuplot-nox)\n");
-        else fprintf(stderr, "tptt: plot: gnuplot failed writing %s%s%s\n", out, msg[0] ? ": " : "", msg);
+    if (rc) {
+        fprintf(stderr, "tptt: plot: %s\n", err.msg);
         return 1;
     }
-    if (rename(tmp, out) != 0) {
-        fprintf(stderr, "tptt: %s: cannot rename %s into place: %s\n", out, tmp, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return 1;
-    }
-    free(tmp);
     printf("wrote %s (%d points%s", out, points, skipped ? ", skipped steps left out" : "");
     if (vpoints) printf(", %d validation points", vpoints);
     printf(")\n");
