@@ -276,6 +276,14 @@ if kit.succeeds(p, "mmlu on the CSV layout"):
     if kit.succeeds(two, "mmlu on 2 ranks"):
         kit.eq(open(items + "2").read(), open(items).read(), "2 ranks write the same items as 1")
         kit.eq(report(two)["metrics"], r["metrics"], "2 ranks report the same metrics")
+p = run(["eval", "mmlu", "--model", llama, "--data", mm, "--shots", 0, "--max-items", 1], "mmlu --max-items")
+if kit.succeeds(p, "mmlu --max-items 1"):
+    r = report(p)
+    kit.eq((r["items"], {k: v["n"] for k, v in r["by_subject"].items()}), (2, {"astronomy": 1, "law": 1}),
+           "--max-items 1: one item per subject")
+p = run(["eval", "mmlu", "--model", llama, "--data", mm, "--shots", 0, "--subjects", "law"], "mmlu --subjects")
+if kit.succeeds(p, "mmlu --subjects law"):
+    kit.eq(list(report(p)["by_subject"]), ["law"], "--subjects keeps only those subjects")
 # JSONL with shots from --dev
 jtest = os.path.join(work, "mm_test.jsonl")
 with open(jtest, "w") as f:

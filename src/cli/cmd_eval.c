@@ -1,12 +1,14 @@
 /* cmd_eval.c - `tptt eval perplexity|mmlu`: evaluate a base model or a
  * trained Titan (docs/eval.md). Every mode prints a readable summary on
  * stderr and its JSON report as the last line of stdout (and to --report). */
+#include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "cli/eval_common.h"
@@ -65,12 +67,24 @@ int tp_eval_write_report(const tp_dist *d, const tp_eval_common *c, const char *
     return rc;
 }
 
-/* tokens by the shard magic, .txt text, JSONL by its first record */
+/* tokens by the shard magic, .txt text, JSONL (or a JSON array) by its first
+ * record; only the file's first MiB is read, the data may be large */
 static int detect_format(const char *path, char *fmt, size_t n, tp_err *err) {
-    char *text = NULL;
-    size_t len = 0;
-    int rc = tp_read_file(path, (size_t)1 << 40, &text, &len, err);
-    if (rc) return rc;
+    int fd = tp_open_regular(path, NULL, err);
+    if (fd < 0) return fd;
+    size_t cap = (size_t)1 << 20, len = 0;
+    char *text = malloc(cap);
+    if (!text) {
+        close(fd);
+        return tp_fail(err, TP_ENOMEM, "out of memory");
+    }
+    while (len < cap) {
+        ssize_t got = read(fd, text + len, cap - len);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) break;
+        len += (size_t)got;
+    }
+    close(fd);
     const char *pick = NULL;
     size_t pl = strlen(path);
     if (len >= 8 && !memcmp(text, "TPTTTOK1", 8)) pick = "tokens";
@@ -78,16 +92,11 @@ static int detect_format(const char *path, char *fmt, size_t n, tp_err *err) {
     else {
         size_t i = 0;
         while (i < len && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t')) i++;
-        size_t e = i;
-        if (i < len && text[i] == '[') pick = NULL; /* a JSON array: look at its first element below */
-        while (e < len && text[e] != '\n') e++;
+        if (i < len && text[i] == '[') /* a JSON array source: its first element */
+            for (i++; i < len && (text[i] == ' ' || text[i] == '\n' || text[i] == '\r' || text[i] == '\t');) i++;
         json_error_t je;
-        json_t *j = i < len && text[i] == '{' ? json_loadb(text + i, e - i, JSON_ALLOW_NUL, &je) : NULL;
-        if (!j && i < len && text[i] == '[') {
-            json_t *arr = json_loadb(text + i, len - i, JSON_ALLOW_NUL, &je);
-            if (json_is_array(arr) && json_array_size(arr)) j = json_incref(json_array_get(arr, 0));
-            json_decref(arr);
-        }
+        json_t *j = i < len && text[i] == '{' ? json_loadb(text + i, len - i, JSON_ALLOW_NUL | JSON_DISABLE_EOF_CHECK, &je)
+                                              : NULL;
         if (json_is_object(j))
             pick = json_object_get(j, "instruction") ? "alpaca" : json_object_get(j, "messages") ? "chat" : "text";
         json_decref(j);

@@ -181,6 +181,9 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
         }
     }
     /* selection: subjects filter, at most max_items per subject (file order) */
+    const char **seen = NULL;
+    int64_t *taken = NULL;
+    size_t nseen = 0, seen_cap = 0;
     if (rc == TP_OK) {
         sel = tp_calloc(test.n ? test.n : 1, sizeof *sel, &err);
         if (!sel) rc = TP_ENOMEM;
@@ -198,13 +201,31 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
                 }
                 if (!found) continue;
             }
-            int64_t already = 0;
-            for (size_t j = 0; j < nsel; j++) already += !strcmp(test.items[sel[j]].subject, s);
-            if (max_items && already >= max_items) continue;
+            if (max_items) { /* items taken per subject: a count per distinct subject */
+                size_t k = 0;
+                while (k < nseen && strcmp(seen[k], s)) k++;
+                if (k == nseen) {
+                    if (nseen == seen_cap) {
+                        size_t nc = seen_cap ? 2 * seen_cap : 64;
+                        const char **ns = realloc(seen, nc * sizeof *ns);
+                        int64_t *nt = realloc(taken, nc * sizeof *nt);
+                        if (ns) seen = ns;
+                        if (nt) taken = nt;
+                        if (!ns || !nt) { rc = tp_fail(&err, TP_ENOMEM, "out of memory"); break; }
+                        seen_cap = nc;
+                    }
+                    seen[nseen] = s;
+                    taken[nseen++] = 0;
+                }
+                if (taken[k] >= max_items) continue;
+                taken[k]++;
+            }
             sel[nsel++] = i;
         }
         if (rc == TP_OK && nsel == 0)
             rc = tp_fail(&err, TP_EINVAL, "%s: no items%s", data, subjects ? " for --subjects" : "");
+        free(seen);
+        free(taken);
     }
     rc = tp_dist_agree(&d, rc, &err);
     if (rc == TP_OK && d.rank == 0) {

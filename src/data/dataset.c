@@ -65,17 +65,22 @@ static uint64_t split_mix(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+/* the hash threshold of a held-out share in [0, 1) */
+static uint64_t split_threshold(double share) { return (uint64_t)(share * 18446744073709551616.0); }
+
+static int heldout(uint64_t seed, uint64_t threshold, uint64_t doc) {
+    return split_mix(seed ^ split_mix(doc + 0x5851f42d4c957f2dULL)) < threshold;
+}
+
 int tp_dataset_doc_heldout(uint64_t seed, double share, uint64_t doc) {
-    uint64_t thr = share >= 1 ? UINT64_MAX : (uint64_t)(share * 18446744073709551616.0);
-    return split_mix(seed ^ split_mix(doc + 0x5851f42d4c957f2dULL)) < thr;
+    return heldout(seed, share >= 1 ? UINT64_MAX : split_threshold(share), doc);
 }
 
 static int doc_kept(const tp_dataset *d, uint64_t i) {
     uint64_t len = d->sh.offsets[i + 1] - d->sh.offsets[i];
     if (len == 0 || (d->drop && len > (uint64_t)d->seq_len)) return 0;
     if (d->split_side < 0) return 1;
-    int held = split_mix(d->split_seed ^ split_mix(i + 0x5851f42d4c957f2dULL)) < d->split_threshold;
-    return held == (d->split_side == TP_SPLIT_HELDOUT);
+    return heldout(d->split_seed, d->split_threshold, i) == (d->split_side == TP_SPLIT_HELDOUT);
 }
 
 /* Check the mapped image s->map (s->size bytes); fills the section pointers
@@ -250,7 +255,7 @@ int tp_dataset_open_split(const char *path, int64_t seq_len, int flags, double s
     d->seq_len = seq_len;
     d->split_side = share > 0 ? side : -1;
     d->split_seed = seed;
-    d->split_threshold = (uint64_t)(share * 18446744073709551616.0);
+    d->split_threshold = split_threshold(share);
     d->drop = (flags & TP_DATA_DROP_LONG) != 0;
     d->pad = (flags & TP_DATA_PAD) != 0;
     int rc = (d->path = tp_strdup(path, err)) ? TP_OK : TP_ENOMEM;

@@ -80,8 +80,7 @@ int tp_titan_parse_config(const char *path, const char *json, size_t len, tp_dec
         cJSON_Delete(c);
         return tp_fail(err, TP_EFORMAT, "%s: not a JSON object", path);
     }
-    int rc = TP_OK, b = 0, e = 0;
-    double x = 0;
+    int rc = TP_OK, e = 0;
     int64_t i = 0;
     const cJSON *mt = field(c, "model_type");
     if (!cJSON_IsString(mt) || strcmp(mt->valuestring, "tptt"))
@@ -164,8 +163,6 @@ int tp_titan_parse_config(const char *path, const char *json, size_t len, tp_dec
         }
         if (rc == TP_OK) o->lora.targets = mask;
     }
-    (void)b;
-    (void)x;
     cJSON_Delete(c);
     o->inference = 1;
     return rc;
@@ -237,19 +234,17 @@ static int open_plain(tp_titan *t, const char *dir, int matmul, tp_err *err) {
     return rc;
 }
 
-static int open_checkpoint(tp_titan *t, const char *ck, const char *model_override, int matmul, tp_err *err) {
+/* json/len: the checkpoint's config.json, already read by the caller (only
+ * its model_type was looked at); its fields are used once MANIFEST verifies */
+static int open_checkpoint(tp_titan *t, const char *ck, const char *json, size_t len, const char *model_override,
+                           int matmul, tp_err *err) {
     snprintf(t->ckpt_dir, sizeof t->ckpt_dir, "%s", ck);
     char *cfg_path = tp_path_join(ck, "config.json", err);
     if (!cfg_path) return TP_ENOMEM;
-    char *json = NULL;
-    size_t len = 0;
-    /* nothing is read from a checkpoint whose MANIFEST does not verify */
     int rc = tp_ckpt_verify(ck, err);
-    if (rc == TP_OK) rc = tp_read_file(cfg_path, 1u << 20, &json, &len, err);
     tp_decoder_opts o;
     char base_name[TP_TITAN_PATH_MAX];
     if (rc == TP_OK) rc = tp_titan_parse_config(cfg_path, json, len, &o, &t->step, base_name, sizeof base_name, err);
-    free(json);
     /* the directory name carries the step too: they must agree */
     const char *leaf = strrchr(ck, '/');
     leaf = leaf ? leaf + 1 : ck;
@@ -342,9 +337,10 @@ int tp_titan_load(const tp_load_opts *o, tp_titan **out, tp_err *err) {
                 titan = cJSON_IsString(mt) && !strcmp(mt->valuestring, "tptt");
                 cJSON_Delete(j);
             }
+            if (rc == TP_OK)
+                rc = titan ? open_checkpoint(t, ck, json, len, o->model, o->matmul, err) : open_plain(t, ck, o->matmul, err);
             free(json);
             free(cp);
-            if (rc == TP_OK) rc = titan ? open_checkpoint(t, ck, o->model, o->matmul, err) : open_plain(t, ck, o->matmul, err);
         }
     }
     if (rc) {
