@@ -276,6 +276,12 @@ if kit.succeeds(p, "mmlu on the CSV layout"):
     if kit.succeeds(two, "mmlu on 2 ranks"):
         kit.eq(open(items + "2").read(), open(items).read(), "2 ranks write the same items as 1")
         kit.eq(report(two)["metrics"], r["metrics"], "2 ranks report the same metrics")
+        kit.eq(two.stderr.count("astronomy_test.csv:4"), 1, "2 ranks: a skipped row is reported once, not per rank")
+    two = run(["eval", "mmlu", "--model", llama, "--data", mm, "--matmul", "f32", "--shots", 2], "mmlu short dev",
+              mpi=2)
+    if kit.succeeds(two, "mmlu --shots 2 on 2 ranks (1 dev item per subject)"):
+        kit.eq([two.stderr.count("subject %s has 1 dev item for 2 shots" % s) for s in ("astronomy", "law")], [1, 1],
+               "2 ranks: one short-dev warning per subject")
 p = run(["eval", "mmlu", "--model", llama, "--data", mm, "--shots", 0, "--max-items", 1], "mmlu --max-items")
 if kit.succeeds(p, "mmlu --max-items 1"):
     r = report(p)

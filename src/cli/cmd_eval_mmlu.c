@@ -169,6 +169,7 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
     if (rc == TP_OK) {
         size_t dl = strlen(data);
         int jsonl = (dl > 6 && !strcmp(data + dl - 6, ".jsonl")) || (dl > 5 && !strcmp(data + dl - 5, ".json"));
+        test.quiet = dev.quiet = d.rank != 0;
         if (!jsonl) {
             rc = tp_mmlu_read_dir(data, split, &test, &skipped, &err);
             if (rc == TP_OK && shots > 0) rc = tp_mmlu_read_dir(data, dev_path ? dev_path : "dev", &dev, &dskipped, &err);
@@ -234,6 +235,17 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
         fprintf(stderr, "tptt: eval mmlu: %zu items, %lld-shot, %d rank%s%s\n", nsel, shots, d.world,
                 d.world == 1 ? "" : "s", skipped || dskipped ? " (bad rows skipped: see the warnings)" : "");
     }
+    /* short dev sets: one warning per subject (per run of its items in the
+     * selection), from rank 0, which does not score every subject itself */
+    for (size_t j = 0; rc == TP_OK && d.rank == 0 && shots > 0 && j < nsel; j++) {
+        const char *subj = test.items[sel[j]].subject;
+        if (j && !strcmp(subj, test.items[sel[j - 1]].subject)) continue;
+        int got = 0;
+        free(tp_mmlu_shots(&dev, subj, (int)shots, &got));
+        if (got >= 0 && got < shots)
+            fprintf(stderr, "tptt: warning: subject %s has %d dev item%s for %lld shots\n", subj, got,
+                    got == 1 ? "" : "s", shots);
+    }
     tp_strbuf lines;
     tp_strbuf_init(&lines);
     for (size_t j = d.rank; rc == TP_OK && j < nsel; j += d.world) {
@@ -241,9 +253,6 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
         int got = 0;
         const tp_mmlu_item **sh = shots > 0 ? tp_mmlu_shots(&dev, it->subject, (int)shots, &got) : NULL;
         if (got < 0) { rc = tp_fail(&err, TP_ENOMEM, "out of memory"); break; }
-        if (shots > 0 && got < shots && (j < (size_t)d.world || strcmp(it->subject, test.items[sel[j - d.world]].subject)))
-            fprintf(stderr, "tptt: warning: subject %s has %d dev item%s for %lld shots\n", it->subject, got,
-                    got == 1 ? "" : "s", shots);
         char *prompt = tp_mmlu_prompt(it, sh, got);
         free(sh);
         if (!prompt) { rc = tp_fail(&err, TP_ENOMEM, "out of memory"); break; }

@@ -133,6 +133,7 @@ static int push_item(reader *r, const char *subject, const char *q, size_t qn, c
 
 static void skip_row(reader *r, const char *file, int64_t line, const char *what, const char *why) {
     r->skipped++;
+    if (r->out->quiet) return;
     if (r->warned < MMLU_WARN_MAX)
         fprintf(stderr, "tptt: mmlu: %s:%lld: skipped %s: %s\n", file, (long long)line, what, why);
     else if (r->warned == MMLU_WARN_MAX)

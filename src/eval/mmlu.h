@@ -42,6 +42,8 @@ typedef struct tp_mmlu_item {
 typedef struct tp_mmlu_set {
     tp_mmlu_item *items;
     size_t n;
+    int quiet; /* set by the caller before reading: 1 = skipped rows are counted but not printed
+                  (every MPI rank reads the files; rank 0 speaks) */
 } tp_mmlu_set;
 
 /* Free every item and the array; the set becomes empty. NULL is a no-op. */
