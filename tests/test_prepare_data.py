@@ -235,6 +235,19 @@ def test_text(tmp):
         eq(docs, tokenize(MISTRAL, ["alpha", "beta\u0000gamma"]), "text JSONL documents (no BOS, no EOS)")
         check("line 4: field 'content' is a number" in err, "text JSONL bad record", err)
 
+    # eval.path is prepared too, with the training data's format and options: its shard on a second line
+    ev = os.path.join(tmp, "held-out.txt")
+    open(ev, "w").write("Held out one.\nHeld out two.\n")
+    cfg = config(tmp, "txt-eval", txt, "text", MISTRAL, txt_unit="line")
+    open(cfg, "a").write("eval: {path: %s}\n" % json.dumps(ev))
+    out, err, rc = prepare(cfg, ranks=2, what="prepare-data with eval.path")
+    lines = out.splitlines()
+    if check(rc == 0 and len(lines) == 2, "eval.path: two shard paths printed", out + err):
+        eq(read_shard(lines[0])[0], [[1] + ids + [2] for ids in tokenize(MISTRAL, units["line"])],
+           "eval.path: the training shard unchanged")
+        eq(read_shard(lines[1])[0], [[1] + ids + [2] for ids in tokenize(MISTRAL, ["Held out one.", "Held out two."])],
+           "eval.path: its shard holds the held-out text, tokenized as the training data")
+
 
 def test_ranks(tmp):
     # JSONL: the fixture; .txt paragraphs: 300 of them, so slices cut inside

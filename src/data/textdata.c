@@ -872,3 +872,15 @@ int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist 
     else free(shard);
     return rc;
 }
+
+int tp_textdata_prepare_eval(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist *d, char **out, tp_err *err) {
+    *out = NULL;
+    if (!c->eval.path[0]) return TP_OK;
+    tp_train_cfg *ec = tp_malloc(sizeof *ec, err); /* large: keep it off the stack */
+    if (!ec) return TP_ENOMEM;
+    *ec = *c;
+    snprintf(ec->data.path, sizeof ec->data.path, "%s", c->eval.path);
+    int rc = tp_textdata_prepare(ec, tok, d, out, err);
+    free(ec);
+    return rc ? tp_err_prefix(err, "eval.path") : TP_OK;
+}

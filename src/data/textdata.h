@@ -33,6 +33,12 @@ int tp_textdata_tokenizer(const tp_train_cfg *c, tp_tokenizer **out, tp_err *err
  * happened). Rank 0 logs progress on stderr. */
 int tp_textdata_prepare(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist *d, char **out, tp_err *err);
 
+/* The validation shard of eval.path (*out, caller frees; *out = NULL and
+ * TP_OK when eval.path is unset): tp_textdata_prepare with data.path
+ * replaced by eval.path, so it is tokenized with the training data's format
+ * and options and cached the same way. Collective like tp_textdata_prepare. */
+int tp_textdata_prepare_eval(const tp_train_cfg *c, tp_tokenizer *tok, const tp_dist *d, char **out, tp_err *err);
+
 /* ---- one record -> one document (used by prepare; exposed for tests) ---- */
 
 enum { TP_TEXT_TEXT = 1, TP_TEXT_ALPACA, TP_TEXT_CHAT };
