@@ -25,6 +25,7 @@
 #include "model/decoder.h"
 #include "model/init_model.h"
 #include "test.h"
+#include "test_model.h"
 #include "train/checkpoint.h"
 #include "util/fsutil.h"
 
@@ -35,16 +36,7 @@ static tp_hf_model *make_model(const char *path) {
     c.arch = TP_ARCH_LLAMA;
     c.hidden = 24; c.ffn = 40; c.layers = 2; c.heads = 4; c.kv_heads = 2; c.head_dim = 6; c.vocab = 37;
     c.rms_eps = 1e-5; c.rope_theta = 10000; c.bos_id = c.eos_id = -1; c.max_pos = 64;
-    tp_init_opts o;
-    tp_init_opts_default(&o);
-    o.dtype = TP_F32;
-    o.seed = 7;
-    o.force = 1;
-    tp_err err = {0};
-    if (tp_init_model(&c, &o, path, &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
-    tp_hf_model *m;
-    if (tp_hf_open(path, &m, &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
-    return m;
+    return tp_test_model(path, &c, -1, 7);
 }
 
 /* LoRA (rank r) on every projection + LiZA with learnable per-channel MaG,

@@ -14,6 +14,7 @@
 #include "model/decoder.h"
 #include "model/init_model.h"
 #include "test.h"
+#include "test_model.h"
 #include "util/rng.h"
 
 static char dir[256];
@@ -24,19 +25,9 @@ static tp_hf_model *make_model(const char *name, tp_arch arch, int tie, int64_t 
     c.hidden = 24; c.ffn = 40; c.layers = 2; c.heads = 4; c.kv_heads = 2; c.head_dim = head_dim; c.vocab = 37;
     c.rms_eps = 1e-5; c.rope_theta = 10000; c.tie_embeddings = tie; c.sliding_window = window;
     c.qkv_bias = arch == TP_ARCH_QWEN2; c.bos_id = c.eos_id = -1; c.max_pos = 64;
-    tp_init_opts o;
-    tp_init_opts_default(&o);
-    o.dtype = TP_F32;
-    o.std = 0.25;
-    o.seed = 7;
-    o.force = 1;
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    tp_err err = {0};
-    if (tp_init_model(&c, &o, path, &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
-    tp_hf_model *m;
-    if (tp_hf_open(path, &m, &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
-    return m;
+    return tp_test_model(path, &c, 0.25, 7);
 }
 
 /* a 2-row batch; row 0 holds three documents */

@@ -20,6 +20,7 @@
 #include "model/decoder.h"
 #include "model/init_model.h"
 #include "test.h"
+#include "test_model.h"
 #include "util/rng.h"
 
 static char dir[256];
@@ -30,19 +31,9 @@ static tp_hf_model *make_model(const char *name, tp_arch arch, int64_t heads, in
     c.hidden = 32; c.ffn = 48; c.layers = 2; c.heads = heads; c.kv_heads = kv_heads; c.head_dim = 8; c.vocab = 41;
     c.rms_eps = 1e-5; c.rope_theta = 10000; c.tie_embeddings = arch == TP_ARCH_QWEN2; c.sliding_window = window;
     c.qkv_bias = arch == TP_ARCH_QWEN2; c.bos_id = c.eos_id = -1; c.max_pos = 128;
-    tp_init_opts o;
-    tp_init_opts_default(&o);
-    o.dtype = TP_F32;
-    o.std = 0.3;
-    o.seed = 11;
-    o.force = 1;
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    tp_err err = {0};
-    if (tp_init_model(&c, &o, path, &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
-    tp_hf_model *m;
-    if (tp_hf_open(path, &m, &err)) { fprintf(stderr, "%s\n", err.msg); return NULL; }
-    return m;
+    return tp_test_model(path, &c, 0.3, 11);
 }
 
 #define T_ 37
