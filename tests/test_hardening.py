@@ -142,6 +142,84 @@ def test_plot(tmp):
     finally:
         os.chdir(cwd)
     plot_truncated(tmp)
+    plot_several(tmp, names)
+
+
+def fake_gnuplot(tmp):
+    """A `gnuplot` first on PATH that keeps the script it is given and
+    writes a PNG signature: what tptt plot sends gnuplot, to check it."""
+    d = os.path.join(tmp, "fakebin")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "gnuplot"), "w") as f:
+        f.write("#!/bin/sh\ncat > \"$FAKE_GNUPLOT_SCRIPT\"\nprintf '\\211PNG\\r\\n\\032\\n'\n")
+    os.chmod(os.path.join(d, "gnuplot"), 0o755)
+    script = os.path.join(tmp, "script.gp")
+    return dict(os.environ, PATH=d + os.pathsep + os.environ.get("PATH", ""), FAKE_GNUPLOT_SCRIPT=script), script
+
+
+def plot_several(tmp, names):
+    """Several metrics files in one plot: --label and the default labels (the
+    run directory's name) are data, never code; one colour and one datablock
+    per run; one lr curve when the schedules agree; usage errors."""
+    base = os.path.join(tmp, "plot-multi")
+    runs = []
+    for i, nm in enumerate(["runA", "runB"] + names[:3]):
+        d = os.path.join(base, str(i), nm)
+        os.makedirs(d)
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+            f.writelines(metrics_lines(5 + i))
+        runs.append(os.path.join(d, "metrics.jsonl"))
+    out = os.path.join(base, "multi.png")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # an injected command would create PWNED* here
+    try:
+        # real gnuplot: evil labels and evil run directory names
+        labels = ["--label", names[3], "--label", names[4]]
+        p = kit.run([TPTT, "plot"] + runs + ["-o", out] + labels, timeout=60)
+        pwned = [n for n in os.listdir(tmp) if n.startswith("PWNED")]
+        handled(p.returncode == 0 and not pwned and open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n",
+                "plot: 5 runs with evil labels and directory names drawn, nothing run",
+                "exit %d, pwned %s, stderr %s" % (p.returncode, pwned, err_text(p)[-400:]))
+        handled(b"(??touch PWNED4?: 5 points; ?touch PWNED5?: 6 points; x??system??touch PWNED1????: 7 points; "
+                in p.stdout, "plot: --label names the first runs, the run directory the others", p.stdout.decode()[-400:])
+    finally:
+        os.chdir(cwd)
+    # the script gnuplot receives
+    env, script = fake_gnuplot(tmp)
+    p = kit.run([TPTT, "plot", runs[0], runs[1], "-o", out, "--label", "PiSSA"], env=env)
+    text = open(script).read() if os.path.exists(script) else ""
+    plots = [ln for ln in text.splitlines() if ln.startswith("plot ")]
+    handled(p.returncode == 0 and "set title 'tptt: PiSSA vs runB'" in text and "$r0 << EOD" in text
+            and "$r1 << EOD" in text and len(plots) == 1 and "title 'PiSSA loss'" in plots[0]
+            and "title 'runB loss'" in plots[0] and "lc 1" in plots[0] and "lc 2" in plots[0]
+            and plots[0].count("using 1:3") == 1 and "title 'lr'" in plots[0],
+            "plot: two runs, one schedule: a datablock and a colour each, one lr curve", text[-800:])
+    with open(runs[1], "w") as f:  # another schedule: one lr curve per run
+        f.writelines(ln.replace('"lr": 0.001', '"lr": 0.002') for ln in metrics_lines(6))
+    p = kit.run([TPTT, "plot", runs[0], runs[1], "-o", out], env=env)
+    text = open(script).read() if os.path.exists(script) else ""
+    handled(p.returncode == 0 and "title 'runA lr'" in text and "title 'runB lr'" in text,
+            "plot: two schedules: an lr curve each", text[-600:])
+    evil = names[0]
+    p = kit.run([TPTT, "plot", runs[0], "-o", out, "--label", evil], env=env)
+    text = open(script).read() if os.path.exists(script) else ""
+    handled(p.returncode == 0 and evil not in text and "x?;system(?touch PWNED1?);?" not in text
+            and all(ln.startswith(("set ", "$r0 << EOD", "EOD", "plot ")) or ln[:1].isdigit() for ln in text.splitlines()),
+            "plot: one run: the label is not used as code (one run keeps the file name as title)", text[-600:])
+    # usage errors: exit 2, the reason then the usage line
+    for args, want in (([runs[0], "-o", out, "--label", "a", "--label", "b"], "tptt: plot: 2 --label for 1 metrics file"),
+                       ([runs[0], "-o", out, "--label"], "tptt: plot: --label needs a value"),
+                       (runs[:1] * 17 + ["-o", out], "tptt: plot: more than 16 metrics files")):
+        p = kit.run([TPTT, "plot"] + args)
+        e = err_text(p).splitlines()
+        handled(p.returncode == 2 and len(e) == 2 and e[0].startswith(want) and e[1].startswith("usage: tptt plot"),
+                "plot: usage error " + want, "exit %d: %s" % (p.returncode, e))
+    with open(runs[2], "w") as f:
+        f.write("".join(metrics_lines(4)).replace('"loss": 4.7', '"loss": "x"', 1))
+    os.unlink(out)
+    bad_input(kit.run([TPTT, "plot", runs[0], runs[2], "-o", out], env=env), "plot: a broken second file",
+              [runs[2] + ":3"])
+    handled(not os.path.exists(out), "plot: a broken second file: no PNG written")
 
 
 def plot_names(tmp, names):

@@ -113,6 +113,24 @@ static void check_factors(const char *what, const double *a, int m, int n, int k
             }
         }
     CHECK(eo < 1e-10, "%s: orthogonality error %g", what, eo);
+    if (!full) { /* the k pairs are singular pairs of a: |a v_p - s_p u_p| and |aᵀ u_p - s_p v_p| small */
+        double er = 0;
+        for (int p = 0; p < k; p++) {
+            double r1 = 0, r2 = 0;
+            for (int i = 0; i < m; i++) {
+                double v = -s[p] * u[i * k + p];
+                for (int j = 0; j < n; j++) v += a[i * n + j] * vt[p * n + j];
+                r1 += v * v;
+            }
+            for (int j = 0; j < n; j++) {
+                double v = -s[p] * vt[p * n + j];
+                for (int i = 0; i < m; i++) v += a[i * n + j] * u[i * k + p];
+                r2 += v * v;
+            }
+            er = fmax(er, sqrt(fmax(r1, r2)) / s[0]);
+        }
+        CHECK(er < 1e-10, "%s: a top pair is not a singular pair: residual %g (relative to s0)", what, er);
+    }
 }
 
 static void svd_case(tp_la *la, const char *what, int m, int n, const double *a, int ncomp) {
@@ -165,11 +183,22 @@ static int selfcheck(void) {
             make_spectrum(a, m, n, sv);
             snprintf(name, sizeof name, "decaying %dx%d", m, n);
             svd_case(la, name, m, n, a, 0);
+            /* a few components of a tall enough matrix take the Gram path (svd.c topk_gram) */
+            if (k > 3) {
+                snprintf(name, sizeof name, "decaying %dx%d top 3", m, n);
+                svd_case(la, name, m, n, a, 3);
+            }
             for (int i = 0; i < k; i++) sv[i] = i < k / 2 ? 1.0 + i : 0.0;
             if (k > 1) {
                 make_spectrum(a, m, n, sv);
                 snprintf(name, sizeof name, "rank-deficient %dx%d", m, n);
                 svd_case(la, name, m, n, a, 0);
+            }
+            if (k >= 16) { /* rank 2, 4 components asked: two zero singular values */
+                for (int i = 0; i < k; i++) sv[i] = i == 0 ? 3.0 : i == 1 ? 1.0 : 0.0;
+                make_spectrum(a, m, n, sv);
+                snprintf(name, sizeof name, "rank-2 %dx%d top 4", m, n);
+                svd_case(la, name, m, n, a, 4);
             }
             free(sv);
             free(a);

@@ -14,10 +14,10 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_btl": "self,vader,tcp", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
-def make_model(path, arch="llama", vocab=64):
+def make_model(path, arch="llama", vocab=64, extra=()):
     subprocess.run([TPTT, "init-model", "--arch", arch, "--layers", "2", "--hidden", "32", "--heads", "4",
                     "--kv-heads", "2", "--ffn", "64", "--vocab", str(vocab), "--dtype", "f32", "--init-std", "0.2",
-                    "--seed", "3", "--force", path], check=True, capture_output=True)
+                    "--seed", "3", "--force", path] + list(extra), check=True, capture_output=True)
 
 
 def make_data(path, vocab=64, docs=60, seed=0):

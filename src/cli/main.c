@@ -23,7 +23,7 @@ static void usage(FILE *fp) {
             "  tokenize     encode/decode JSONL text with a Hugging Face tokenizer.json\n"
             "  prepare-data tokenize a run's text/alpaca/chat data into its cache (train does it too)\n"
             "  train        fine-tune with LiZA + MaG + LoRA (run under mpirun for several ranks)\n"
-            "  plot         draw loss and learning rate from metrics.jsonl (gnuplot)\n"
+            "  plot         draw loss and learning rate from metrics.jsonl, one run or several compared (gnuplot)\n"
             "  generate     run a trained Titan (or a base model) on prompts: text out, recurrent LiZA cache\n"
             "  eval         perplexity and MMLU of a trained Titan or a base model\n"
             "  export       a checkpoint as a merged HF model, a PEFT adapter or a Titan directory\n"

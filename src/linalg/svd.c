@@ -29,6 +29,11 @@ void pdgemm_(const char *transa, const char *transb, const int *m, const int *n,
              const double *a, const int *ia, const int *ja, const int *desca, const double *b, const int *ib,
              const int *jb, const int *descb, const double *beta, double *c, const int *ic, const int *jc,
              const int *descc, size_t lta, size_t ltb);
+void pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
+              const int *ja, const int *desca, const double *vl, const double *vu, const int *il, const int *iu,
+              int *m, int *nz, double *w, double *z, const int *iz, const int *jz, const int *descz, double *work,
+              const int *lwork, int *iwork, const int *liwork, int *info, size_t ljobz, size_t lrange,
+              size_t luplo);
 
 struct tp_la {
     int ctxt;
@@ -257,6 +262,73 @@ static int gesvd(const tp_la *la, dmat *d, double *s, dmat *u, dmat *vt, const c
     return TP_OK;
 }
 
+/* Exact top-k SVD of the tall d (m >= n; kept) through its Gram matrix, for
+ * few components (PiSSA's r): G = dᵀd (n x n), its k largest eigenpairs by
+ * pdsyevr (RANGE 'I': only those eigenvectors are computed), then the
+ * Rayleigh-Ritz step Y = d Z_k (m x k) = U_y S_y W_yᵀ (pdgesvd of a k-column
+ * matrix), u = U_y, v = Z_k W_y (n x k, components as columns).
+ * Why it is exact enough: the singular values come from d Z_k, not from
+ * the squared eigenvalues, so their absolute error is O(eps·σ_1) as with
+ * pdgesvd (only the subspace comes from G: its angle to the true top-k
+ * subspace is O(eps·σ_1²/(σ_k² − σ_{k+1}²)), and enters the values only
+ * squared). Cost: 2mn² + O(n³) for the tridiagonal form, against pdgesvd's
+ * full bidiagonalisation and n x n vector accumulation (13x slower at
+ * 2048 x 2048 on one rank: bench/README.md, bench_pissa). */
+static int topk_gram(const tp_la *la, const dmat *d, int k, double *s, dmat *u, dmat *v, const char *what,
+                     tp_err *err) {
+    /* at least one block of eigenpairs: with fewer, PDSYEVR (ScaLAPACK 2.2)
+     * hands PDORMTR less work space than it needs ("parameter 16 had an
+     * illegal value"): its share is max(18n, np·mz + 2nb²) and PDORMTR asks
+     * (np + mz)·nb + nb², which that covers once mz >= nb */
+    int one = 1, n = d->n, m = d->m, info = 0, mz = k > la->block ? k : la->block;
+    if (mz > n) mz = n;
+    int il = n - mz + 1, iu = n, found = 0, nz = 0, jtop = mz - k + 1; /* Z(:, jtop..mz): the top k, ascending */
+    double vl = 0, vu = 0, wq = 0, *w = NULL, *work = NULL, alpha = 1, beta = 0;
+    int iwq = 0, lwork = -1, liwork = -1, *iwork = NULL;
+    dmat G = {0}, Z = {0}, Y = {0}, Uy = {0}, Wyt = {0};
+    int rc = dmat_alloc(la, n, n, &G, err);
+    if (rc == TP_OK) rc = dmat_alloc(la, n, n, &Z, err);
+    if (rc == TP_OK) rc = dmat_alloc(la, m, k, &Y, err);
+    if (rc == TP_OK && !(w = tp_malloc(sizeof(double) * (size_t)n, err))) rc = TP_ENOMEM;
+    if ((rc = agree(rc, err))) goto out;
+    gemm("T", "N", n, n, m, 1.0, d, d, 0.0, &G);
+    pdsyevr_("V", "I", "L", &n, G.a, &one, &one, G.desc, &vl, &vu, &il, &iu, &found, &nz, w, Z.a, &one, &one,
+             Z.desc, &wq, &lwork, &iwq, &liwork, &info, 1, 1, 1);
+    lwork = (int)(wq * 1.01) + 64;
+    liwork = iwq + 64;
+    work = tp_malloc(sizeof(double) * (size_t)lwork, err);
+    iwork = work ? tp_malloc(sizeof(int) * (size_t)liwork, err) : NULL;
+    if ((rc = agree(work && iwork ? TP_OK : TP_ENOMEM, err))) goto out;
+    pdsyevr_("V", "I", "L", &n, G.a, &one, &one, G.desc, &vl, &vu, &il, &iu, &found, &nz, w, Z.a, &one, &one,
+             Z.desc, work, &lwork, iwork, &liwork, &info, 1, 1, 1);
+    if (info < 0) { rc = tp_fail(err, TP_EINVAL, "linalg: %s: pdsyevr rejected argument %d", what, -info); goto out; }
+    if (info > 0 || found != mz || nz != mz) {
+        rc = tp_fail(err, TP_EUNSUP, "linalg: %s: pdsyevr found %d of the %d largest eigenpairs of the Gram "
+                     "matrix (info %d)", what, nz, mz, info);
+        goto out;
+    }
+    /* Y = d Z(:, jtop..mz) */
+    pdgemm_("N", "N", &m, &k, &n, &alpha, d->a, &one, &one, d->desc, Z.a, &one, &jtop, Z.desc, &beta, Y.a, &one,
+            &one, Y.desc, 1, 1);
+    if ((rc = gesvd(la, &Y, s, &Uy, &Wyt, what, err))) goto out;
+    if ((rc = agree(dmat_alloc(la, n, k, v, err), err))) goto out;
+    /* v = Z(:, jtop..mz) Wytᵀ */
+    pdgemm_("N", "T", &n, &k, &k, &alpha, Z.a, &one, &jtop, Z.desc, Wyt.a, &one, &one, Wyt.desc, &beta, v->a, &one,
+            &one, v->desc, 1, 1);
+    *u = Uy;
+    Uy = (dmat){0};
+out:
+    dmat_free(&G);
+    dmat_free(&Z);
+    dmat_free(&Y);
+    dmat_free(&Uy);
+    dmat_free(&Wyt);
+    free(w);
+    free(work);
+    free(iwork);
+    return rc;
+}
+
 static uint64_t splitmix(uint64_t *x) {
     uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -321,7 +393,13 @@ int tp_la_svd(tp_la *la, const tp_la_src *a, const tp_la_svd_opts *o, double *s,
         goto out;
     }
     dmat *left = NULL, *right = NULL;
-    if (o->niter < 0) {
+    if (o->niter < 0 && 4 * k <= N) { /* a few components: exact through the Gram matrix */
+        rc = topk_gram(la, &X, nc, sx, &U, &VT, nm(a), err);
+        if (rc) goto out;
+        right_is_vt = 0; /* VT holds V (N x k): components are columns */
+        left = &U;
+        right = &VT;
+    } else if (o->niter < 0) {
         rc = gesvd(la, &X, sx, &U, &VT, nm(a), err);
         if (rc) goto out;
         left = &U;

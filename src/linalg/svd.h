@@ -57,7 +57,9 @@ typedef struct tp_la_src {
 
 typedef struct tp_la_svd_opts {
     int64_t ncomp;    /* components wanted, 1 <= ncomp <= min(m, n); 0 = min(m, n) */
-    int niter;        /* < 0: exact SVD (p?gesvd); K >= 0: randomized subspace iteration
+    int niter;        /* < 0: exact SVD (4·ncomp <= min(m, n): top eigenpairs of the Gram matrix by
+                         p?syevr + a Rayleigh-Ritz p?gesvd, docs/linalg.md; else p?gesvd);
+                         K >= 0: randomized subspace iteration
                          with K power iterations (Halko et al. alg. 4.4 as torch.svd_lowrank:
                          p?gemm + p?geqrf/p?orgqr, then p?gesvd of the small projection) */
     int oversample;   /* randomized: extra directions, q = min(ncomp + oversample, min(m, n));

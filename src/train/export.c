@@ -375,6 +375,27 @@ int tp_export(const tp_hf_model *base, const tp_decoder *m, const tp_export_opts
     return rc;
 }
 
+int tp_export_remove_stale(const char *out_dir) {
+    char dir[PATH_MAX], prefix[PATH_MAX];
+    const char *slash = strrchr(out_dir, '/');
+    if (slash) snprintf(dir, sizeof dir, "%.*s", (int)(slash - out_dir), out_dir);
+    else snprintf(dir, sizeof dir, ".");
+    if (!dir[0]) snprintf(dir, sizeof dir, "/");
+    if (snprintf(prefix, sizeof prefix, "%s.tmp-export-", slash ? slash + 1 : out_dir) >= (int)sizeof prefix) return -1;
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, prefix, strlen(prefix))) continue;
+        char p[PATH_MAX];
+        if (snprintf(p, sizeof p, "%s/%s", dir, e->d_name) >= (int)sizeof p) continue;
+        if (rm_tree(p) == 0) n++;
+    }
+    closedir(d);
+    return n;
+}
+
 int tp_export_model(const tp_hf_model *base, tp_decoder *m, const char *out_dir, tp_err *err) {
     tp_export_opts o = {TP_EXPORT_MERGED, -1, 0, 1, NULL, 0, NULL};
     tp_strbuf rep;

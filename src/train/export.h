@@ -50,6 +50,12 @@ typedef struct tp_export_opts {
 int tp_export(const tp_hf_model *base, const tp_decoder *m, const tp_export_opts *o, const char *out_dir,
               tp_strbuf *report, tp_err *err);
 
+/* Remove the temporary directories (<out_dir>.tmp-export-*) that exports
+ * into out_dir killed before their end left behind. Only for a caller that
+ * alone writes out_dir (the trainer, holding its run lock). Returns how many
+ * were removed, -1 when the parent directory cannot be read. */
+int tp_export_remove_stale(const char *out_dir);
+
 /* The end-of-run export (export.model_dir): merged in the base's dtype,
  * LiZA and MaG dropped with a notice on stderr (use `tptt export --format
  * titan` for the Titan itself). */

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -614,12 +615,20 @@ static int dir_digest(const char *dir, char *out, size_t n, tp_err *err) {
     return rc;
 }
 
+/* "12.3 MB": bytes in kB, MB or GB (the unit that gives a number >= 1) */
+static const char *fmt_size(char *buf, size_t n, double bytes) {
+    if (bytes < 1e6) snprintf(buf, n, "%.1f kB", bytes / 1e3);
+    else if (bytes < 1e9) snprintf(buf, n, "%.1f MB", bytes / 1e6);
+    else snprintf(buf, n, "%.2f GB", bytes / 1e9);
+    return buf;
+}
+
 /* lora.init: pissa (collective). Every LoRA pair starts at the principal
  * components of its frozen weight (tp_pissa_init: every rank, the same
  * order); the residual base W - s·B·A is written once by rank 0 as
- * run.dir/pissa-base (a merged export of the base with -B: safetensors F32,
- * config.json, tokenizer files; into a temporary directory renamed into
- * place) and reused when it exists; then the decoder is rebuilt on it.
+ * run.dir/pissa-base (a merged export of the base with -B: safetensors in
+ * the base's dtype, config.json, tokenizer files; into a temporary directory
+ * renamed into place) and reused when it exists; then the decoder is rebuilt on it.
  * need_ab = 0 (a checkpoint will supply A and B): no SVD when the residual
  * base is there. */
 static int setup_pissa(run *R, int need_ab, tp_err *err) {
@@ -670,24 +679,50 @@ static int setup_pissa(run *R, int need_ab, tp_err *err) {
     }
     /* rank 0 writes the residual base once */
     if (R->d->rank == 0 && !have) {
-        float *sv = malloc(n * sizeof(float));
-        if (!sv) rc = tp_fail(err, TP_ENOMEM, "out of memory");
-        else {
+        /* temporary directories of an earlier run killed while writing it (we
+         * hold the run lock: nobody else writes pissa-base), then the space */
+        int stale = tp_export_remove_stale(R->pissa_dir);
+        if (stale > 0) fprintf(stderr, "tptt: PiSSA: removed %d unfinished residual base%s of an earlier run\n",
+                               stale, stale == 1 ? "" : "s");
+        /* in the base's dtype (that of its matrices), as PEFT keeps the residual
+         * in the model's dtype: a BF16 7B base stays 14.5 GB, not 29 */
+        tp_dtype dt = TP_F32;
+        for (size_t i = 0; i < R->hf->nweights; i++)
+            if (R->hf->desc[i].ndim == 2) { dt = R->hf->views[i]->dtype; break; }
+        const char *dn = tp_dtype_name(dt);
+        uint64_t need = 0;
+        for (size_t i = 0; i < R->hf->nweights; i++)
+            need += (uint64_t)R->hf->desc[i].shape[0] * (uint64_t)(R->hf->desc[i].ndim == 2 ? R->hf->desc[i].shape[1] : 1)
+                    * tp_dtype_size(dt);
+        char s1[32], s2[32];
+        struct statvfs fs;
+        if (statvfs(c->run_dir, &fs) == 0 && fs.f_blocks > 0 && (uint64_t)fs.f_bavail * fs.f_frsize < need)
+            rc = tp_fail(err, TP_EIO, "lora.init: pissa: not enough disk space for the residual base %s: it needs "
+                         "%s (%s), %s free", R->pissa_dir, fmt_size(s1, sizeof s1, (double)need), dn,
+                         fmt_size(s2, sizeof s2, (double)fs.f_bavail * fs.f_frsize));
+        float *sv = rc ? NULL : malloc(n * sizeof(float));
+        if (!sv && rc == TP_OK) rc = tp_fail(err, TP_ENOMEM, "out of memory");
+        if (sv) {
             memcpy(sv, theta, n * sizeof(float));
             for (size_t i = 0; i < tp_decoder_nparams(R->m); i++) { /* W + s·(-B)·A = W - s·B·A */
                 const tp_param *p = tp_decoder_param(R->m, i);
                 if (p->is_lora && strstr(p->name, ".lora_B.weight"))
                     for (size_t e = 0; e < p->numel; e++) theta[p->offset + e] = -theta[p->offset + e];
             }
-            tp_export_opts eo = {.format = TP_EXPORT_MERGED, .dtype = TP_F32, .drop_liza = 1, .step = 0};
+            tp_export_opts eo = {.format = TP_EXPORT_MERGED, .dtype = (int)dt, .drop_liza = 1, .step = 0};
             tp_strbuf rep;
             tp_strbuf_init(&rep);
             rc = tp_export(R->hf, R->m, &eo, R->pissa_dir, &rep, err);
             tp_strbuf_free(&rep);
             memcpy(theta, sv, n * sizeof(float));
             free(sv);
-            if (rc) tp_err_prefix(err, "lora.init: pissa: writing the residual base %s", R->pissa_dir);
-            else fprintf(stderr, "tptt: PiSSA: wrote the residual base %s (F32)\n", R->pissa_dir);
+            /* a full disk (or a file size limit) says so, with the size needed */
+            if (rc && (strstr(err->msg, strerror(ENOSPC)) || strstr(err->msg, strerror(EFBIG)) ||
+                       strstr(err->msg, strerror(EDQUOT))))
+                tp_err_prefix(err, "lora.init: pissa: not enough disk space for the residual base %s (it needs "
+                              "%s, %s)", R->pissa_dir, fmt_size(s1, sizeof s1, (double)need), dn);
+            else if (rc) tp_err_prefix(err, "lora.init: pissa: writing the residual base %s", R->pissa_dir);
+            else fprintf(stderr, "tptt: PiSSA: wrote the residual base %s (%s)\n", R->pissa_dir, dn);
         }
     } else if (R->d->rank == 0) {
         fprintf(stderr, "tptt: PiSSA: reusing the residual base %s\n", R->pissa_dir);
@@ -867,15 +902,7 @@ static int setup_eval(run *R, const char *train_shard, tp_tokenizer *tok, tp_err
     const tp_train_cfg *c = R->cfg;
     int rc = TP_OK;
     if (c->eval.path[0]) {
-        tp_train_cfg *ec = tp_malloc(sizeof *ec, err);
-        if (!ec) rc = TP_ENOMEM;
-        else {
-            *ec = *c;
-            snprintf(ec->data.path, sizeof ec->data.path, "%s", c->eval.path);
-            rc = tp_textdata_prepare(ec, tok, R->d, &R->eval_shard, err); /* collective */
-            free(ec);
-        }
-        if (rc) return tp_err_prefix(err, "eval.path");
+        if ((rc = tp_textdata_prepare_eval(c, tok, R->d, &R->eval_shard, err))) return rc; /* collective */
     } else if (c->eval.split > 0) {
         if (!(R->eval_shard = tp_strdup(train_shard, err))) return TP_ENOMEM;
     } else {
