@@ -133,17 +133,27 @@ def step0(tmp, data, arch, extra):
 def convert_pissa(tmp, model, data, init_ck, r):
     """Original base + converted rank-2r adapter = residual base + trained
     PiSSA adapter (LiZA off: convert-pissa moves the LoRA part only). The
-    initial adapter is the lr-0 run's (the same seed and SVDs)."""
+    initial adapter is the one the trainer keeps in run.dir/pissa-init,
+    checked equal to the lr-0 run's (the same seed and SVDs)."""
     ct, rt = os.path.join(tmp, "trained.yaml"), os.path.join(tmp, "trained")
     tu.write_config(ct, model, data, rt, lora__init="pissa", liza__enabled=False, schedule__total_steps=4,
                     checkpoint__every=0)
     if not ok(tu.train(ct, ranks=1), "PiSSA training (LiZA off, 4 steps)") or not init_ck:
         return
+    # the trainer kept the initial adapter as run.dir/pissa-init: the lr-0 run's, bit for bit
+    pi = os.path.join(rt, "pissa-init")
+    i0, _ = stnp.load(os.path.join(init_ck, "adapter_model.safetensors"))
+    if check(os.path.isfile(os.path.join(pi, "adapter_model.safetensors")), "pissa-init written by the trainer"):
+        ip, _ = stnp.load(os.path.join(pi, "adapter_model.safetensors"))
+        check(sorted(ip) == sorted(i0) and all(np.array_equal(ip[k], i0[k]) for k in i0),
+              "pissa-init holds the initial adapter (the lr-0 run's)")
     conv = os.path.join(tmp, "conv")
-    p = subprocess.run([tu.TPTT, "adapter", "convert-pissa", rt, "--initial", init_ck, "--out", conv],
-                       capture_output=True, text=True)
+    # no --initial: convert-pissa finds pissa-init beside the adapter's base (run.dir/pissa-base)
+    p = subprocess.run([tu.TPTT, "adapter", "convert-pissa", rt, "--out", conv], capture_output=True, text=True)
     if not ok(p, "convert-pissa of the trained run"):
         return
+    check("initial adapter " + pi in p.stderr or "initial adapter " + os.path.realpath(pi) in p.stderr,
+          f"convert-pissa names the initial adapter it found: {p.stderr[-300:]}")
     cc = json.load(open(os.path.join(conv, "adapter_config.json")))
     check(cc["r"] == 2 * r, f"converted rank {cc['r']}")
     s2 = cc["lora_alpha"] / cc["r"]
@@ -205,7 +215,10 @@ def disk_full(tmp, model, data):
               and "pissa-base.tmp-export-" in ln and "model.safetensors" in ln,
               f"full disk: message {ln}")
     left = sorted(os.listdir(rd))
-    check(left == ["checkpoints"] and os.listdir(os.path.join(rd, "checkpoints")) == [],
+    # pissa-init (the small initial adapter, written first and atomically) may stay, complete
+    check(left in (["checkpoints"], ["checkpoints", "pissa-init"]) and os.listdir(os.path.join(rd, "checkpoints")) == []
+          and ("pissa-init" not in left or sorted(os.listdir(os.path.join(rd, "pissa-init")))
+               == ["adapter_config.json", "adapter_model.safetensors"]),
           f"full disk: left in run.dir {left} (pissa-base, temporary directories, LOCK or a checkpoint)")
     # the same command with space: writes the residual base and trains
     p = tu.train(path, ranks=2)

@@ -29,7 +29,7 @@
 static void usage(FILE *fp) {
     fprintf(fp,
             "usage: tptt adapter resize CKPT --rank R --out DIR [--alpha A] [--block N]\n"
-            "       tptt adapter convert-pissa CKPT --initial INIT --out DIR [--rank R] [--block N]\n"
+            "       tptt adapter convert-pissa CKPT [--initial INIT] --out DIR [--rank R] [--block N]\n"
             "\n"
             "CKPT is a checkpoint step-* directory, a run directory (newest complete checkpoint) or a PEFT\n"
             "adapter directory. Run under mpirun to share the SVDs over ranks (ScaLAPACK).\n"
@@ -40,7 +40,8 @@ static void usage(FILE *fp) {
             "                 of every module is printed and written to DIR/resize_report.json.\n"
             "                 R >= the adapter's rank reproduces s*B*A (zero components pad above min(r, in, out)).\n"
             "  convert-pissa  a PiSSA-trained adapter as a plain LoRA on the ORIGINAL base: dW = s*(B*A - B0*A0)\n"
-            "                 with A0, B0 the PiSSA initialisation in INIT (an adapter directory), as PEFT\n"
+            "                 with A0, B0 the PiSSA initialisation in INIT (an adapter directory; default: the\n"
+            "                 run's pissa-init, kept by the trainer beside its pissa-base), as PEFT\n"
             "                 does: rank 2r, A' = [A; -A0], B' = [B, B0], lora_alpha doubled (x sqrt(2) with\n"
             "                 use_rslora) so s stays; with --rank R the result is truncated to rank R by SVD.\n"
             "  --block N      ScaLAPACK block size (default 64)\n");
@@ -73,7 +74,7 @@ static void adapter_free(adapter *a) {
 }
 
 static int has_file(const char *dir, const char *name) {
-    char p[PATH_MAX];
+    char p[PATH_MAX + 64];
     snprintf(p, sizeof p, "%s/%s", dir, name);
     return tp_exists(p);
 }
@@ -296,6 +297,23 @@ static int run_cmd(int convert, const char *ckpt, const char *init, const char *
     cJSON *rep = NULL;
     char *report = NULL;
     int rc = load_adapter(ckpt, &a, err);
+    char found[PATH_MAX + 16];
+    if (rc == TP_OK && convert && !init) {
+        /* a PiSSA run's adapter names run.dir/pissa-base as its base; the
+         * trainer kept the initial adapter beside it, run.dir/pissa-init */
+        const cJSON *b = cJSON_GetObjectItemCaseSensitive(a.cfg, "base_model_name_or_path");
+        const char *bp = cJSON_IsString(b) ? b->valuestring : "";
+        size_t bl = strlen(bp);
+        if (bl > 11 && !strcmp(bp + bl - 11, "/pissa-base") && bl - 11 < PATH_MAX) {
+            snprintf(found, sizeof found, "%.*s/pissa-init", (int)(bl - 11), bp);
+            init = found;
+        }
+        if (!init || !has_file(init, "adapter_model.safetensors"))
+            rc = tp_fail(err, TP_EINVAL, "%s: no PiSSA initial adapter found (its base is '%s', not a run's "
+                         "pissa-base with pissa-init beside it); give --initial INIT", a.dir, bp);
+        else if (d->rank == 0)
+            fprintf(stderr, "tptt: adapter convert-pissa: initial adapter %s\n", init);
+    }
     if (rc == TP_OK && convert) {
         rc = load_adapter(init, &a0, err);
         if (rc == TP_OK && (a0.n != a.n || a0.r != a.r || fabs(a0.scale - a.scale) > 1e-12 * fabs(a.scale)))
@@ -481,11 +499,10 @@ int tp_cmd_adapter(int argc, char **argv) {
             return 2;
         }
     }
-    if (optind + 1 != argc || !out || (!convert && R < 1) || (convert && !init)) {
+    if (optind + 1 != argc || !out || (!convert && R < 1)) {
         fprintf(stderr, "tptt: adapter %s: %s\n", sub,
                 optind + 1 != argc ? "expected one CKPT argument"
                 : !out             ? "--out DIR is required"
-                : convert          ? "--initial INIT (the PiSSA initialisation adapter) is required"
                                    : "--rank R is required");
         usage(stderr);
         return 2;

@@ -677,8 +677,27 @@ static int setup_pissa(run *R, int need_ab, tp_err *err) {
             fprintf(stderr, "tptt: PiSSA: %d LoRA modules initialised from the principal components (%s) in %.1f s\n",
                     count, c->pissa_niter < 0 ? "exact SVD" : "randomized SVD", now_s() - t0);
     }
+    /* rank 0 keeps the initial adapter (A0, B0) as run.dir/pissa-init, a PEFT
+     * adapter directory: `tptt adapter convert-pissa` needs it to turn the
+     * trained adapter into one for the original base. Kept if there (the
+     * same deterministic init); written before the residual base, so a run
+     * that has pissa-base has it too. */
+    if (R->d->rank == 0 && !have && rc == TP_OK) {
+        char init_dir[TP_PATH_MAX + 32], probe_init[TP_PATH_MAX + 64];
+        snprintf(init_dir, sizeof init_dir, "%s/pissa-init", c->run_dir);
+        snprintf(probe_init, sizeof probe_init, "%s/adapter_model.safetensors", init_dir);
+        if (!tp_exists(probe_init)) {
+            tp_export_remove_stale(init_dir);
+            tp_export_opts io = {.format = TP_EXPORT_PEFT, .dtype = -1, .drop_liza = 1, .step = 0};
+            tp_strbuf rep;
+            tp_strbuf_init(&rep);
+            rc = tp_export(R->hf, R->m, &io, init_dir, &rep, err);
+            tp_strbuf_free(&rep);
+            if (rc) tp_err_prefix(err, "lora.init: pissa: writing the initial adapter %s", init_dir);
+        }
+    }
     /* rank 0 writes the residual base once */
-    if (R->d->rank == 0 && !have) {
+    if (R->d->rank == 0 && !have && rc == TP_OK) {
         /* temporary directories of an earlier run killed while writing it (we
          * hold the run lock: nobody else writes pissa-base), then the space */
         int stale = tp_export_remove_stale(R->pissa_dir);
