@@ -129,13 +129,24 @@ static double ce_row(float *dlogits, const float *li, int32_t y, int64_t V, floa
         if (dlogits) memset(dlogits, 0, (size_t)V * sizeof(float));
         return 0;
     }
-    float mx = -INFINITY;
+    float mx = -INFINITY, ly = li[y]; /* read first: dlogits may be li itself */
     for (int64_t j = 0; j < V; j++) mx = li[j] > mx ? li[j] : mx;
+    /* one expf per logit (the 128k-vocabulary head makes this a few % of a
+     * step): e_j = exp(l_j - max) kept in dlogits, summed in double, then
+     * scaled by 1/sum; arguments are <= 0, so nothing overflows */
     double se = 0;
-    for (int64_t j = 0; j < V; j++) se += exp((double)li[j] - mx);
-    double lse = mx + log(se), loss = lse - li[y];
+    if (dlogits)
+        for (int64_t j = 0; j < V; j++) {
+            float e = expf(li[j] - mx);
+            dlogits[j] = e;
+            se += e;
+        }
+    else
+        for (int64_t j = 0; j < V; j++) se += expf(li[j] - mx);
+    double lse = mx + log(se), loss = lse - ly;
     if (dlogits) {
-        for (int64_t j = 0; j < V; j++) dlogits[j] = (float)exp((double)li[j] - lse) * scale;
+        float f = (float)(scale / se);
+        for (int64_t j = 0; j < V; j++) dlogits[j] *= f;
         dlogits[y] -= scale;
     }
     return loss;
