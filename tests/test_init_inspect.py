@@ -3,6 +3,7 @@ several shards. Expected tensor names, shapes and counts are computed here from
 FORMATS.md / LIZA.md section 1, independently of the C code; weights are read
 with the pure-numpy reader in tests/py/safetensors_np.py."""
 import json
+import math
 import os
 import shutil
 import sys
@@ -136,6 +137,133 @@ def check_model(a, out):
     return tensors
 
 
+M64 = (1 << 64) - 1
+
+
+def ref_normals(seed, stream, count, std):
+    """The first `count` values of one init-model RNG stream, reimplemented
+    here from rng.h/init_model.h: splitmix64-seeded xoshiro256**, Box-Muller
+    (cos branch), value = float32(std * z)."""
+    x = (seed ^ (stream * 0xD1342543DE82EF95)) & M64
+    s = []
+    for _ in range(4):
+        x = (x + 0x9E3779B97F4A7C15) & M64
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        s.append(z ^ (z >> 31))
+    rotl = lambda v, k: ((v << k) | (v >> (64 - k))) & M64
+
+    def nxt():
+        r = (rotl((s[1] * 5) & M64, 7) * 9) & M64
+        t = (s[1] << 17) & M64
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = rotl(s[3], 45)
+        return r
+
+    out = []
+    for _ in range(count):
+        u1, u2 = (nxt() >> 11) * 2.0 ** -53, (nxt() >> 11) * 2.0 ** -53
+        u1 = max(u1, 2.0 ** -60)
+        out.append(std * math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
+    return np.array(out, dtype=np.float32)
+
+
+def check_thread_determinism(tmp):
+    """Blocks of 2^20 elements are filled in parallel, each from its own
+    stream: the bytes must not depend on OMP_NUM_THREADS, and every block must
+    draw from the stream init_model.h documents (not, say, block 0's again)."""
+    a = {"arch": "llama", "layers": 1, "hidden": 512, "heads": 4, "kv_heads": 2, "ffn": 2560, "vocab": 5000,
+         "dtype": "bf16", "shards": 2, "seed": 7}
+    blobs = {}
+    for t in [1, 2, 3]:
+        out = os.path.join(tmp, f"threads{t}")
+        env = dict(os.environ, OMP_NUM_THREADS=str(t))
+        p = kit.run([TPTT] + init_args(a, out), env=env, text=True, timeout=None)
+        check(p.returncode == 0 and not testkit.crashed(p), f"init-model with {t} threads: rc {p.returncode}\n{p.stderr}")
+        blobs[t] = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+    check(len(blobs[1]) == 4, f"threads: files {sorted(blobs[1])}")
+    for t in [2, 3]:
+        diff = [f for f in blobs[1] if blobs[1][f] != blobs[t].get(f)]
+        check(not diff, f"OMP_NUM_THREADS=1 and ={t} write different bytes in {diff}")
+    _, tensors = stnp.load_model_dir(os.path.join(tmp, "threads2"))
+    emb = tensors["model.embed_tokens.weight"].astype(np.float32).ravel()  # 2.56M elements: 3 blocks
+    check(emb.size == 2560000, f"embed size {emb.size}")
+    blk = 1 << 20
+    for b in range(3):
+        want = stnp.bf16_bits_to_f32(stnp.f32_to_bf16_bits(ref_normals(7, 1 | (b << 40), 64, 0.02)))
+        got = emb[b * blk:b * blk + 64]
+        check(np.array_equal(got, want), f"embed block {b} is not stream (1 | {b} << 40): {got[:4]} vs {want[:4]}")
+
+
+def peak_rss_anon(cmd, env):
+    """Run cmd, polling /proc/PID/status every 20 ms; (returncode, peak
+    RssAnon bytes, stderr). RssAnon is the private memory: the model's
+    weights are a shared file mapping (RssFile)."""
+    import subprocess
+    import time
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0
+        while p.poll() is None:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak = max(peak, int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+            time.sleep(0.02)
+        err.seek(0)
+        return p.returncode, peak, err.read().decode(errors="replace")
+
+
+def check_memory_estimate(tmp):
+    """inspect's private-memory prediction against the peak RssAnon of a real
+    one-step LoRA + LiZA run, with and without recompute: within 10%. The
+    model is sized so that activations, not the process's libraries, make
+    most of the memory (~0.3-0.5 GiB)."""
+    exe = shutil.which(TPTT) or TPTT
+    with open(exe, "rb") as f:
+        if b"__asan_init" in f.read():
+            print("memory estimate: skipped in the sanitizer build (shadow memory and quarantine are not the trainer's)")
+            return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_util as tu
+    model = os.path.join(tmp, "mem-model")
+    run(["init-model", "--arch", "mistral", "--layers", "2", "--hidden", "512", "--heads", "8", "--kv-heads", "2",
+         "--ffn", "1536", "--vocab", "32768", "--dtype", "bf16", "--seed", "1", model])
+    rnd = np.random.default_rng(0)
+    with open(os.path.join(tmp, "mem.jsonl"), "w") as f:
+        for _ in range(2):
+            f.write(json.dumps({"ids": [int(x) for x in rnd.integers(3, 32768, 3000)]}) + "\n")
+    data = os.path.join(tmp, "mem.tok")
+    run(["make-shard", "--jsonl", "-o", data, os.path.join(tmp, "mem.jsonl")])
+    seq = 2048
+    p = run(["inspect", "--json", "--seq-len", str(seq), "--lora-rank", "8", model])
+    mem = json.loads(p.stdout)["memory"] if p.returncode == 0 else {}
+    for recompute in [False, True]:
+        rd = os.path.join(tmp, f"mem-run-{int(recompute)}")
+        conf = os.path.join(tmp, f"mem-{int(recompute)}.yaml")
+        tu.write_config(conf, model, data, rd, lora__r=8, lora__dropout=0.0, liza__preset="delta_product",
+                        liza__chunk_size=64, compute__matmul="auto", compute__recompute=recompute,
+                        data__seq_len=seq, batch__global=1, schedule__warmup_steps=0, schedule__total_steps=1,
+                        checkpoint__every=0)
+        env = dict(os.environ, OMP_NUM_THREADS="2")
+        rc, peak, err = peak_rss_anon([TPTT, "train", conf], env)
+        check(rc == 0, f"memory run (recompute={recompute}): rc {rc}\n{err[-2000:]}")
+        want = mem.get("private_bytes_recompute" if recompute else "private_bytes", 0)
+        check(want > 0 and abs(peak / want - 1) <= 0.10,
+              f"recompute={recompute}: peak RssAnon {peak / 2**20:.1f} MiB vs inspect {want / 2**20:.1f} MiB "
+              f"(ratio {peak / max(want, 1):.3f}, want within 10%)")
+        print(f"memory estimate, recompute={recompute}: measured {peak / 2**20:.1f} MiB, "
+              f"inspect {want / 2**20:.1f} MiB, ratio {peak / max(want, 1):.3f}")
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="tptt-init-")
     try:
@@ -173,6 +301,8 @@ def main():
         same_bytes = all(open(os.path.join(tmp, d, "model.safetensors"), "rb").read() ==
                          open(os.path.join(tmp, "m0", "model.safetensors"), "rb").read() for d in ["seed0"])
         check(same_bytes, "same seed gives byte-identical files")
+        check_thread_determinism(tmp)
+        check_memory_estimate(tmp)
         # refuses to overwrite without --force; --force switches layout cleanly
         p = run(init_args(cases[0], os.path.join(tmp, "m0")), expect_rc=1)
         check("--force" in p.stderr and p.stderr.count("\n") == 1, f"overwrite refusal message: {p.stderr!r}")

@@ -11,12 +11,13 @@
 
 static void usage(FILE *fp) {
     fprintf(fp,
-            "usage: tptt inspect [--json] [--seq-len N] [--micro-batch N] [--lora-rank R] MODEL_DIR\n"
+            "usage: tptt inspect [--json] [--seq-len N] [--micro-batch N] [--lora-rank R] [--lora-dropout] MODEL_DIR\n"
             "\n"
             "Validates the model directory (config.json, safetensors, shard index), prints its\n"
             "architecture, shapes, parameter count, dtypes, bytes on disk, and the memory one\n"
             "training rank needs: frozen weights mapped read-only (shared by the ranks of a node)\n"
-            "versus private memory (trainables + AdamW state, activations, scratch).\n");
+            "versus private memory (trainables + AdamW state, activations, scratch). --lora-dropout:\n"
+            "the run sets lora.dropout > 0 (one more buffer as wide as the LoRA input).\n");
 }
 
 static void human(char *buf, size_t n, double bytes) {
@@ -39,7 +40,8 @@ static const char *dtype_summary(const tp_hf_model *m, char *buf, size_t n) {
 int tp_cmd_inspect(int argc, char **argv) {
     static const struct option opts[] = {{"json", no_argument, 0, 'j'},         {"seq-len", required_argument, 0, 's'},
                                          {"micro-batch", required_argument, 0, 'b'},
-                                         {"lora-rank", required_argument, 0, 'r'}, {"help", no_argument, 0, 'h'},
+                                         {"lora-rank", required_argument, 0, 'r'}, {"lora-dropout", no_argument, 0, 'd'},
+                                         {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     int json = 0;
     tp_mem_opts mo;
@@ -52,6 +54,7 @@ int tp_cmd_inspect(int argc, char **argv) {
         switch (ch) {
         case 'h': usage(stdout); return 0;
         case 'j': json = 1; break;
+        case 'd': mo.lora_dropout = 1; break;
         case 's':
         case 'b':
         case 'r':
@@ -149,10 +152,11 @@ int tp_cmd_inspect(int argc, char **argv) {
     human(b5, sizeof b5, (double)e.scratch_bytes);
     human(b6, sizeof b6, (double)e.private_bytes);
     human(b7, sizeof b7, (double)er.private_bytes);
-    printf("memory/rank   seq %lld x micro-batch %lld, LoRA r=%d on q,k,v,o, %s matmul:\n", (long long)mo.seq_len,
-           (long long)mo.micro_batch, mo.lora_rank, mo.bf16_matmul ? "bf16" : "f32");
+    printf("memory/rank   seq %lld x micro-batch %lld, LoRA r=%d on q,k,v,o%s, %s matmul:\n", (long long)mo.seq_len,
+           (long long)mo.micro_batch, mo.lora_rank, mo.lora_dropout ? " with dropout" : "",
+           mo.bf16_matmul ? "bf16" : "f32");
     char tl[96];
-    snprintf(tl, sizeof tl, "trainables + grads + AdamW (%llu params, fp32)", (unsigned long long)e.trainable_params);
+    snprintf(tl, sizeof tl, "trainables, grads, AdamW, rollback (%llu params)", (unsigned long long)e.trainable_params);
     printf("  %-52s %s\n", "frozen weights, mmap read-only (shared per node)", b1);
     printf("  %-52s %s\n", tl, b2);
     printf("  %-52s %s (%s with recompute)\n", "activations saved for backward", b3, b4);

@@ -118,6 +118,16 @@ typedef struct tp_decoder tp_decoder;
 
 /* Build on an opened base model (which must outlive the decoder). */
 int tp_decoder_create(const tp_hf_model *base, const tp_decoder_opts *o, tp_decoder **out, tp_err *err);
+
+/* Floats of the activation arena a decoder allocates for N tokens in rows of
+ * T (lora_r 0: no LoRA): every saved activation and gradient buffer, one
+ * block of head logits, RoPE tables. *saved (when not NULL) gets the part
+ * kept for backward: the per-layer sets (one with recompute) and, with
+ * recompute, every layer's input; the rest is one layer's working memory.
+ * `tptt inspect` (model/memory.c) predicts memory from it. */
+uint64_t tp_decoder_arena_floats(const tp_model_config *c, int64_t N, int64_t T, int64_t lora_r, int liza,
+                                 int recompute, int inference, uint64_t *saved);
+
 void tp_decoder_destroy(tp_decoder *m);
 
 size_t tp_decoder_nparams(const tp_decoder *m);

@@ -358,27 +358,41 @@ void tp_decoder_destroy(tp_decoder *m) {
 
 /* ---- activation memory ------------------------------------------------- */
 
+uint64_t tp_decoder_arena_floats(const tp_model_config *c, int64_t N, int64_t T, int64_t lora_r, int liza,
+                                 int recompute, int inference, uint64_t *saved) {
+    int64_t D = c->hidden, F = c->ffn, qd = c->heads * c->head_dim, kvd = c->kv_heads * c->head_dim;
+    int64_t L = c->layers, r = lora_r, H = c->heads, Hkv = c->kv_heads;
+    /* inference keeps nothing for backward: one set, no gradient buffers */
+    int64_t inf = inference != 0, gr = !inf, nsets = recompute || inf ? 1 : L, lz = liza != 0;
+    int64_t maxin = F > D ? F : D;
+    if (maxin < qd) maxin = qd;
+    int64_t blk = tp_head_block(c->vocab, N);
+    /* per set: the base layer, plus LiZA's feature maps, gates, output and
+     * the stacked o_proj input/output */
+    uint64_t per_set = (uint64_t)(N * (4 * D + 2 * qd + 2 * kvd + 2 * qd + kvd + 3 * F) + 2 * N + H * N +
+                                  TP_NMOD * N * r + N * r + N * qd) +
+                       (uint64_t)(lz * N * (2 * qd + 3 * kvd + Hkv + 1 + 2 * D + 1));
+    uint64_t keep = per_set * (uint64_t)nsets + (uint64_t)(recompute && !inf ? L * N * D : 0);
+    if (saved) *saved = keep;
+    return keep + (uint64_t)(N * (4 * D + 1)) + /* x_res, xf, xL, rstdf, tmp_o (2N) */ (uint64_t)(N * D) +
+           (uint64_t)(gr * N * (2 * D + 3 * qd + 2 * kvd + 3 * F + 2 * r + 2 * maxin + 2 * D)) +
+           (uint64_t)(gr * lz * N * (2 * qd + 3 * kvd + Hkv + 1)) + (uint64_t)(blk * c->vocab) +
+           (uint64_t)(T * c->head_dim) + 64 * 64;
+}
+
 int tp_decoder_ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err) {
     if (N <= m->cap_n && T <= m->cap_T) return TP_OK;
     const int64_t n_tok = N;
     const tp_model_config *c = &m->cfg;
     int64_t D = c->hidden, F = c->ffn, qd = c->heads * c->head_dim, kvd = c->kv_heads * c->head_dim;
     int64_t L = c->layers, r = m->o.trainable == TP_TRAIN_LORA ? m->o.lora.r : 0, H = c->heads, Hkv = c->kv_heads;
-    /* inference keeps nothing for backward: one set, no gradient buffers */
     int64_t inf = m->o.inference, gr = !inf, nsets = m->o.recompute || inf ? 1 : L, lz = m->o.liza.enabled;
     int64_t maxin = F > D ? F : D;
     if (maxin < qd) maxin = qd;
     int64_t blk = tp_head_block(c->vocab, N);
-    /* per set: the base layer, plus LiZA's feature maps, gates, output and
-     * the stacked o_proj input/output */
-    size_t per_set = (size_t)(N * (4 * D + 2 * qd + 2 * kvd + 2 * qd + kvd + 3 * F) + 2 * N + H * N +
-                              TP_NMOD * N * r + N * r + N * qd) +
-                     (size_t)(lz * N * (2 * qd + 3 * kvd + Hkv + 1 + 2 * D + 1));
-    size_t total = per_set * (size_t)nsets + (size_t)(m->o.recompute && !inf ? L * N * D : 0) +
-                   (size_t)(N * (4 * D + 1)) + /* x_res, xf, xL, rstdf, tmp_o (2N) */ (size_t)(N * D) +
-                   (size_t)(gr * N * (2 * D + 3 * qd + 2 * kvd + 3 * F + 2 * r + 2 * maxin + 2 * D)) +
-                   (size_t)(gr * lz * N * (2 * qd + 3 * kvd + Hkv + 1)) + (size_t)(blk * c->vocab) +
-                   (size_t)(T * c->head_dim) + 64 * 64;
+    /* the layout below takes exactly this (checked after it); `tptt inspect`
+     * predicts memory from the same function */
+    size_t total = (size_t)tp_decoder_arena_floats(c, N, T, r, (int)lz, m->o.recompute, (int)inf, NULL);
     if (m->A)
         for (int64_t i = 0; i < m->nsets; i++) free(m->A[i].states);
     free(m->arena);

@@ -1,5 +1,6 @@
 #include "model/init_model.h"
 
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,22 +20,51 @@ void tp_init_opts_default(tp_init_opts *o) {
 
 static int is_norm(tp_weight_kind k) { return k == TP_W_NORM_IN || k == TP_W_NORM_POST || k == TP_W_NORM_FINAL; }
 
-/* Stream tensor idx's values into the writer, a block at a time. */
-static int write_tensor(tp_st_writer *w, const tp_weight_desc *d, size_t idx, const tp_init_opts *o, float *fbuf,
-                        void *obuf, size_t block, tp_err *err) {
+/* Values come in fixed blocks of INIT_BLOCK elements and block b of tensor
+ * idx draws from its own stream, so any number of threads can fill blocks in
+ * any order and the bytes never depend on the thread count. Block 0 uses
+ * stream idx + 1, the stream of the whole tensor before blocks existed, so
+ * tensors of one block kept their values. */
+#define INIT_BLOCK ((uint64_t)1 << 20)
+#define INIT_CHUNK 4096 /* floats converted at a time, on the stack */
+
+static uint64_t block_stream(size_t idx, uint64_t b) { return ((uint64_t)idx + 1) | (b << 40); }
+
+/* Fill k elements of block b of tensor idx, in the storage type, at out. */
+static void fill_block(const tp_weight_desc *d, size_t idx, uint64_t b, size_t k, const tp_init_opts *o,
+                       unsigned char *out) {
     tp_rng rng;
-    tp_rng_seed(&rng, o->seed, (uint64_t)idx + 1);
-    uint64_t n = (uint64_t)d->shape[0] * (uint64_t)(d->ndim == 2 ? d->shape[1] : 1);
+    tp_rng_seed(&rng, o->seed, block_stream(idx, b));
     size_t es = tp_dtype_size(o->dtype);
-    for (uint64_t done = 0; done < n;) {
-        size_t k = (size_t)(n - done < block ? n - done : block);
-        for (size_t i = 0; i < k; i++)
-            fbuf[i] = is_norm(d->kind) ? (float)(1.0 + o->norm_std * tp_rng_normal(&rng))
-                                       : (float)(o->std * tp_rng_normal(&rng));
-        tp_from_f32(obuf, fbuf, o->dtype, k);
-        int rc = tp_st_writer_write(w, obuf, k * es, err);
+    float f[INIT_CHUNK];
+    for (size_t off = 0; off < k; off += INIT_CHUNK) {
+        size_t m = k - off < INIT_CHUNK ? k - off : INIT_CHUNK;
+        for (size_t i = 0; i < m; i++)
+            f[i] = is_norm(d->kind) ? (float)(1.0 + o->norm_std * tp_rng_normal(&rng))
+                                    : (float)(o->std * tp_rng_normal(&rng));
+        tp_from_f32(out + off * es, f, o->dtype, m);
+    }
+}
+
+/* Stream tensor idx's values into the writer, `group` blocks at a time: the
+ * threads fill the blocks of a group, then one write appends them in order.
+ * obuf holds group * INIT_BLOCK elements of the storage type. */
+static int write_tensor(tp_st_writer *w, const tp_weight_desc *d, size_t idx, const tp_init_opts *o,
+                        unsigned char *obuf, uint64_t group, tp_err *err) {
+    uint64_t n = (uint64_t)d->shape[0] * (uint64_t)(d->ndim == 2 ? d->shape[1] : 1);
+    uint64_t nb = (n + INIT_BLOCK - 1) / INIT_BLOCK;
+    size_t es = tp_dtype_size(o->dtype);
+    for (uint64_t b0 = 0; b0 < nb; b0 += group) {
+        long long gb = (long long)(nb - b0 < group ? nb - b0 : group);
+#pragma omp parallel for schedule(dynamic, 1) if (gb > 1)
+        for (long long j = 0; j < gb; j++) {
+            uint64_t b = b0 + (uint64_t)j, first = b * INIT_BLOCK;
+            size_t k = (size_t)(n - first < INIT_BLOCK ? n - first : INIT_BLOCK);
+            fill_block(d, idx, b, k, o, obuf + (size_t)j * INIT_BLOCK * es);
+        }
+        uint64_t first = b0 * INIT_BLOCK, k = n - first < (uint64_t)gb * INIT_BLOCK ? n - first : (uint64_t)gb * INIT_BLOCK;
+        int rc = tp_st_writer_write(w, obuf, (size_t)k * es, err);
         if (rc != TP_OK) return rc;
-        done += k;
     }
     return TP_OK;
 }
@@ -51,19 +81,20 @@ static int write_shard(const char *path, const tp_weight_desc *desc, size_t firs
         specs[i].shape[0] = d->shape[0];
         specs[i].shape[1] = d->shape[1];
     }
-    const size_t block = 1 << 20;
-    float *fbuf = tp_malloc(block * sizeof(float), err);
-    void *obuf = tp_malloc(block * sizeof(float), err);
+    /* two blocks per thread keep every thread busy while a group is filled;
+     * the group size changes the write sizes only, never the bytes */
+    int threads = omp_get_max_threads();
+    uint64_t group = threads < 1 ? 2 : threads > 8 ? 16 : (uint64_t)threads * 2;
+    unsigned char *obuf = tp_malloc((size_t)(group * INIT_BLOCK) * tp_dtype_size(o->dtype), err);
     tp_st_writer *w = NULL;
     tp_kv meta = {"format", "pt"};
-    int rc = (!fbuf || !obuf) ? TP_ENOMEM : tp_st_writer_open(path, specs, count, &meta, 1, &w, err);
+    int rc = !obuf ? TP_ENOMEM : tp_st_writer_open(path, specs, count, &meta, 1, &w, err);
     for (size_t i = 0; rc == TP_OK && i < count; i++)
-        rc = write_tensor(w, &desc[first + i], first + i, o, fbuf, obuf, block, err);
+        rc = write_tensor(w, &desc[first + i], first + i, o, obuf, group, err);
     if (w) {
         if (rc == TP_OK) rc = tp_st_writer_close(w, err);
         else tp_st_writer_abort(w);
     }
-    free(fbuf);
     free(obuf);
     free(specs);
     return rc;

@@ -3,8 +3,10 @@
  * Nothing can be downloaded where tests and demos run, so they make their own
  * base models. Weights: matrices, embeddings and biases ~ N(0, std); RMSNorm
  * weights ~ 1 + N(0, norm_std) (not exactly 1, so that a forward pass that
- * forgot a norm weight fails the oracle tests). Each tensor draws from its own
- * RNG stream (seed, tensor index), so the values do not depend on sharding. */
+ * forgot a norm weight fails the oracle tests). Each block of 2^20 elements of
+ * a tensor draws from its own RNG stream (seed, stream (tensor index + 1) |
+ * (block << 40)), so the values depend neither on the sharding nor on the
+ * number of OpenMP threads that generate them (blocks are filled in parallel). */
 #ifndef TPTT_MODEL_INIT_MODEL_H
 #define TPTT_MODEL_INIT_MODEL_H
 

@@ -5,7 +5,12 @@
  * (trainable parameters with gradients and AdamW moments, saved activations,
  * scratch). This is the planning model `tptt inspect` prints; it follows the
  * trainer's design (LIZA.md, issue "Frozen-base decoder"): fp32 trainables,
- * activations of one micro-batch, optional per-layer recomputation. */
+ * activations of one micro-batch, optional per-layer recomputation. The
+ * activation and scratch terms are the decoder's own arena size
+ * (tp_decoder_arena_floats), so they cannot drift from what it allocates;
+ * counted as resident only where the decoder writes (the LoRA dropout
+ * buffer only with dropout); not counted: libraries and runtime (~10 MB
+ * measured with a 7B model). */
 #ifndef TPTT_MODEL_MEMORY_H
 #define TPTT_MODEL_MEMORY_H
 
@@ -18,15 +23,17 @@ typedef struct tp_mem_opts {
     int64_t micro_batch; /* rows per micro-batch */
     int lora_rank;
     int lora_mlp;        /* LoRA also on gate/up/down */
+    int lora_dropout;    /* lora.dropout > 0 (a masked copy of the LoRA input) */
     int recompute;       /* keep only layer inputs, recompute in backward */
     int bf16_matmul;     /* oneDNN bf16 backend (no fp32 weight panels) */
     int liza_chunk;      /* chunk size of the linear branch (chunk-entry states) */
+    int liza;            /* the LiZA branch is on (default 1) */
 } tp_mem_opts;
 
 typedef struct tp_mem_estimate {
     uint64_t frozen_bytes;      /* mapped weights (shared per node) */
     uint64_t trainable_params;  /* LoRA + MaG parameter count */
-    uint64_t trainable_bytes;   /* params + grads + 2 AdamW moments, fp32 */
+    uint64_t trainable_bytes;   /* params, grads, 2 AdamW moments, rollback copies of 3: fp32 */
     uint64_t activation_bytes;  /* saved for backward, one micro-batch */
     uint64_t scratch_bytes;     /* per-layer working buffers, logits, panels */
     uint64_t private_bytes;     /* sum of the three above */
