@@ -13,7 +13,10 @@
  * d = --dim for each n_h of --orders and each C of --chunks: forward,
  * backward and fwd+bwd, best of --reps (default 3), each repetition
  * interleaved with a 2048³ sgemm on the same threads, and prints GFLOP/s and
- * the share of the best sgemm rate of that configuration. FLOPs are those of
+ * the share of the best sgemm rate of the run; the last two columns give the
+ * same from CPU time (process CPU seconds per thread for fwd+bwd, share of
+ * the sgemm rate per CPU second), which other processes on shared cores
+ * barely move. The softmax comparison prints CPU seconds per thread too. FLOPs are those of
  * LIZA.md section 6 as the kernel performs them, triangular products counted
  * at half (only the needed triangle): see liza_flops(). Backward includes
  * the recompute of each chunk's forward (W, U, Vn) since only the entry
@@ -40,6 +43,15 @@ static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* CPU seconds of the whole process (all threads), divided by the thread
+ * count: what the wall time would be on cores nobody else uses (OpenMP waits
+ * passively, so idle threads cost nothing here) */
+static double cpu_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return ((double)t.tv_sec + 1e-9 * (double)t.tv_nsec) / omp_get_max_threads();
 }
 
 static double rss_mib(void) { /* current RSS */
@@ -127,12 +139,13 @@ static void liza_buf_free(liza_buf *L) {
     free(L->dv); free(L->db); free(L->dla); free(L->st); free(L->ds);
 }
 
-/* one forward and one backward; seconds of each */
-static void liza_once(liza_buf *L, int order, int chunk, int decay, double *tf, double *tb) {
+/* one forward and one backward; seconds of each, and CPU seconds (per
+ * thread, see cpu_now) of both */
+static void liza_once(liza_buf *L, int order, int chunk, int decay, double *tf, double *tb, double *cpu) {
     tp_liza_dims s = {1, L->T, L->H, L->H, L->d};
     tp_liza_cfg c = {order, TP_TRICK_DT, 1, chunk};
     tp_err err;
-    double t0 = now();
+    double c0 = cpu_now(), t0 = now();
     if (tp_liza_fwd(&s, &c, L->q, L->k, L->v, L->b, decay ? L->la : NULL, L->ds, L->y, L->st, &err))
         fprintf(stderr, "liza fwd: %s\n", err.msg);
     double t1 = now();
@@ -140,21 +153,25 @@ static void liza_once(liza_buf *L, int order, int chunk, int decay, double *tf, 
                     L->db, L->dla, &err))
         fprintf(stderr, "liza bwd: %s\n", err.msg);
     double t2 = now();
+    *cpu = cpu_now() - c0;
     *tf = t1 - t0;
     *tb = t2 - t1;
 }
 
 /* fwd+bwd of LiZA for one layer, best of reps; returns seconds, sets *mem to
- * the RSS growth */
-static double run_liza(int64_t T, int64_t H, int64_t d, int order, int chunk, int reps, double *mem, double *gflop) {
+ * the RSS growth and *cpu to the best CPU seconds per thread */
+static double run_liza(int64_t T, int64_t H, int64_t d, int order, int chunk, int reps, double *mem, double *gflop,
+                       double *cpu) {
     double before = rss_mib();
     liza_buf L;
     liza_buf_init(&L, T, H, d, chunk, order);
     double best = 1e30;
+    *cpu = 1e30;
     for (int i = 0; i < reps; i++) {
-        double tf, tb;
-        liza_once(&L, order, chunk, 0, &tf, &tb);
+        double tf, tb, tc;
+        liza_once(&L, order, chunk, 0, &tf, &tb, &tc);
         if (tf + tb < best) best = tf + tb;
+        if (tc < *cpu) *cpu = tc;
     }
     *mem = peak_mib() - before;
     *gflop = (liza_flops(T, H, H, d, order, chunk, 0, 1, 0) + liza_flops(T, H, H, d, order, chunk, 0, 1, 1)) / 1e9;
@@ -162,8 +179,9 @@ static double run_liza(int64_t T, int64_t H, int64_t d, int order, int chunk, in
     return best;
 }
 
-/* GFLOP/s of one n³ sgemm on the current threads (buffers kept between calls) */
-static double sgemm_rate(int64_t n) {
+/* GFLOP/s of one n³ sgemm on the current threads (buffers kept between
+ * calls); *cpu_rate: the same per CPU second per thread */
+static double sgemm_rate(int64_t n, double *cpu_rate) {
     static float *a, *b, *c;
     static int64_t have;
     if (have != n) {
@@ -173,10 +191,12 @@ static double sgemm_rate(int64_t n) {
         a = rnd((size_t)(n * n), &r, 1, 0); b = rnd((size_t)(n * n), &r, 1, 0); c = calloc((size_t)(n * n), sizeof *c);
         have = n;
     }
-    double t0 = now();
+    double c0 = cpu_now(), t0 = now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)n, (int)n, 1.0f, a, (int)n, b, (int)n, 0.0f, c,
                 (int)n);
-    return 2.0 * (double)n * (double)n * (double)n / (now() - t0) / 1e9;
+    double t = now() - t0, fl = 2.0 * (double)n * (double)n * (double)n / 1e9;
+    *cpu_rate = fl / (cpu_now() - c0);
+    return fl / t;
 }
 
 static double loadavg(void) {
@@ -196,28 +216,31 @@ static void kernel_table(int64_t T, int64_t H, int64_t d, const int *orders, int
            "%d threads, load average %.2f\n",
            (long long)T, (long long)H, (long long)d, decay ? "with decay" : "no decay", reps, omp_get_max_threads(),
            loadavg());
-    printf("%4s %5s | %8s %8s %6s | %8s %8s %6s | %8s %8s %6s | %8s\n", "n_h", "C", "fwd s", "GFLOP/s", "%gemm",
-           "bwd s", "GFLOP/s", "%gemm", "f+b s", "GFLOP/s", "%gemm", "sgemm GF");
+    printf("%4s %5s | %8s %8s %6s | %8s %8s %6s | %8s %8s %6s | %8s | %8s %6s\n", "n_h", "C", "fwd s", "GFLOP/s",
+           "%gemm", "bwd s", "GFLOP/s", "%gemm", "f+b s", "GFLOP/s", "%gemm", "sgemm GF", "f+b cpu", "%gemm");
     int cmin = chunks[0];
     for (int i = 1; i < nchunks; i++)
         if (chunks[i] < cmin) cmin = chunks[i];
-    double res[8][8][4], gemm = 0; /* fwd, bwd, f+b seconds; sgemm of that row */
+    /* fwd, bwd, f+b seconds; sgemm of that row; f+b CPU seconds per thread */
+    double res[8][8][5], gemm = 0, gemm_cpu = 0;
     for (int oi = 0; oi < norders; oi++) {
         int order = orders[oi];
         liza_buf L;
         liza_buf_init(&L, T, H, d, cmin, order);
         for (int ci = 0; ci < nchunks; ci++) {
             double *r4 = res[oi][ci];
-            r4[0] = r4[1] = r4[2] = 1e30;
+            r4[0] = r4[1] = r4[2] = r4[4] = 1e30;
             r4[3] = 0;
             for (int r = 0; r < reps; r++) {
-                double g = sgemm_rate(2048);
+                double gc, g = sgemm_rate(2048, &gc);
                 if (g > r4[3]) r4[3] = g;
-                double tf, tb;
-                liza_once(&L, order, chunks[ci], decay, &tf, &tb);
+                if (gc > gemm_cpu) gemm_cpu = gc;
+                double tf, tb, tc;
+                liza_once(&L, order, chunks[ci], decay, &tf, &tb, &tc);
                 if (tf < r4[0]) r4[0] = tf;
                 if (tb < r4[1]) r4[1] = tb;
                 if (tf + tb < r4[2]) r4[2] = tf + tb;
+                if (tc < r4[4]) r4[4] = tc;
             }
             if (r4[3] > gemm) gemm = r4[3];
         }
@@ -231,13 +254,16 @@ static void kernel_table(int64_t T, int64_t H, int64_t d, const int *orders, int
             double *r4 = res[oi][ci], bf = r4[0], bb = r4[1], bt = r4[2];
             double ff = liza_flops(T, H, H, d, order, C, decay, 1, 0) / 1e9;
             double fb = liza_flops(T, H, H, d, order, C, decay, 1, 1) / 1e9;
-            printf("%4d %5d | %8.3f %8.1f %5.0f%% | %8.3f %8.1f %5.0f%% | %8.3f %8.1f %5.0f%% | %8.1f\n", order, C, bf,
-                   ff / bf, 100 * ff / bf / gemm, bb, fb / bb, 100 * fb / bb / gemm, bt, (ff + fb) / bt,
-                   100 * (ff + fb) / bt / gemm, r4[3]);
+            printf("%4d %5d | %8.3f %8.1f %5.0f%% | %8.3f %8.1f %5.0f%% | %8.3f %8.1f %5.0f%% | %8.1f | %8.3f %5.0f%%\n",
+                   order, C, bf, ff / bf, 100 * ff / bf / gemm, bb, fb / bb, 100 * fb / bb / gemm, bt, (ff + fb) / bt,
+                   100 * (ff + fb) / bt / gemm, r4[3], r4[4], 100 * (ff + fb) / r4[4] / gemm_cpu);
         }
-    printf("%%gemm: share of the best sgemm rate of the whole run, %.1f GFLOP/s (last column: best sgemm "
+    printf("%%gemm: share of the best sgemm rate of the whole run, %.1f GFLOP/s (sgemm GF: best sgemm "
            "interleaved with that row)\n",
            gemm);
+    printf("f+b cpu: best CPU seconds of fwd+bwd per thread, and its rate as a share of the best sgemm rate per CPU "
+           "second, %.1f GFLOP/s: the wall figures on cores that nobody else uses\n",
+           gemm_cpu);
     printf("load average after: %.2f\n", loadavg());
 }
 
@@ -252,7 +278,7 @@ static int parse_list(const char *s, int *out, int max) {
     return n;
 }
 
-static double run_softmax(int64_t T, int64_t H, int64_t d, int reps, double *mem, double *gflop) {
+static double run_softmax(int64_t T, int64_t H, int64_t d, int reps, double *mem, double *gflop, double *cpu) {
     tp_rng r;
     tp_rng_seed(&r, 2, 1);
     double before = rss_mib();
@@ -264,11 +290,13 @@ static double run_softmax(int64_t T, int64_t H, int64_t d, int reps, double *mem
     tp_attn_dims s = {1, T, H, H, d, 0};
     tp_err err;
     double t = 1e30;
+    *cpu = 1e30;
     for (int i = 0; i < reps; i++) {
-        double t0 = now();
+        double c0 = cpu_now(), t0 = now();
         tp_attn_fwd(&s, q, k, v, ds, o, lse, &err);
         tp_attn_bwd(&s, q, k, v, ds, o, lse, dout, dq, dk, dv, &err);
         if (now() - t0 < t) t = now() - t0;
+        if (cpu_now() - c0 < *cpu) *cpu = cpu_now() - c0;
     }
     *mem = peak_mib() - before;
     /* causal: fwd 2 products of T²/2·d per head, bwd 5 (incl. recompute) */
@@ -309,7 +337,7 @@ int main(int argc, char **argv) {
         printf("reference shape: one layer, T=4096, H=8, d=128, chunk %d\n", chunk);
         printf("%-6s %10s %10s %14s\n", "n_h", "seconds", "GFLOP/s", "peak MiB (+)");
         for (int o = 1; o <= 2; o++) {
-            double mem, gf, t = run_liza(4096, 8, d, o, chunk, reps, &mem, &gf);
+            double mem, gf, cpu, t = run_liza(4096, 8, d, o, chunk, reps, &mem, &gf, &cpu);
             printf("%-6d %10.3f %10.1f %14.0f\n", o, t, gf / t, mem);
             fflush(stdout);
         }
@@ -319,25 +347,30 @@ int main(int argc, char **argv) {
     printf("one layer fwd+bwd, H=%lld, d=%lld, n_h=%d, chunk %d (softmax up to T=%lld), best of %d, load average "
            "%.2f\n",
            (long long)H, (long long)d, order, chunk, (long long)smax, reps, loadavg());
-    printf("%8s | %10s %9s %10s | %10s %9s %10s | %s\n", "T", "LiZA s", "GFLOP/s", "+MiB", "softmax s", "GFLOP/s",
-           "+MiB", "faster");
+    printf("%8s | %10s %9s %10s %9s | %10s %9s %10s %9s | %-7s %s\n", "T", "LiZA s", "GFLOP/s", "+MiB", "cpu s",
+           "softmax s", "GFLOP/s", "+MiB", "cpu s", "faster", "(cpu)");
     double t4k = 0, t32k = 0;
-    int64_t crossover = 0;
+    int64_t crossover = 0, crossover_cpu = 0;
     for (int64_t T = tmin; T <= tmax; T *= 2) {
-        double ml, gl, tl = run_liza(T, H, d, order, chunk, reps, &ml, &gl);
+        double ml, gl, cl, tl = run_liza(T, H, d, order, chunk, reps, &ml, &gl, &cl);
         if (T == 4096) t4k = tl;
         if (T == 32768) t32k = tl;
-        printf("%8lld | %10.3f %9.1f %10.0f |", (long long)T, tl, gl / tl, ml);
+        printf("%8lld | %10.3f %9.1f %10.0f %9.3f |", (long long)T, tl, gl / tl, ml, cl);
         if (T <= smax) {
-            double ms, gs, ts = run_softmax(T, H, d, reps, &ms, &gs);
-            printf(" %10.3f %9.1f %10.0f | %s\n", ts, gs / ts, ms, tl < ts ? "LiZA" : "softmax");
+            double ms, gs, cs, ts = run_softmax(T, H, d, reps, &ms, &gs, &cs);
+            printf(" %10.3f %9.1f %10.0f %9.3f | %-7s %s\n", ts, gs / ts, ms, cs, tl < ts ? "LiZA" : "softmax",
+                   cl < cs ? "LiZA" : "softmax");
             if (tl < ts && !crossover) crossover = T;
+            if (cl < cs && !crossover_cpu) crossover_cpu = T;
         } else {
-            printf(" %10s %9s %10s |\n", "-", "-", "-");
+            printf(" %10s %9s %10s %9s |\n", "-", "-", "-", "-");
         }
         fflush(stdout);
     }
     if (t4k > 0 && t32k > 0) printf("linear scaling: time(32k)/time(4k) = %.2f (8 would be exactly linear; <= 9 required)\n", t32k / t4k);
     if (crossover) printf("crossover: LiZA-only is faster from T = %lld on (first power of two measured)\n", (long long)crossover);
+    if (crossover_cpu)
+        printf("crossover by CPU time (cpu s: CPU seconds per thread, the wall time on cores nobody else uses): "
+               "T = %lld\n", (long long)crossover_cpu);
     return 0;
 }
