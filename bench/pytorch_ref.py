@@ -61,6 +61,6 @@ for it in range(iters + 1):
     t = time.time() - t0
     if it > 0:
         best = min(best, t)
-flops = 4.0 * T * (2 * D * H * d + 2 * D * Hkv * d * 2 + 3 * D * F) * L
+flops = 4.0 * T * (2 * D * H * d + 2 * D * Hkv * d + 3 * D * F) * L  # q+o, k+v, gate/up/down: 4 FLOP per weight
 print(f"PyTorch {torch.__version__} fp32, {torch.get_num_threads()} threads: {L} layers, seq {T}, LoRA r={r}: "
       f"{best:.3f} s/step, {flops / best / 1e9:.1f} dense GFLOP/s")
