@@ -23,32 +23,42 @@
 #include "train/trainer_impl.h"
 #include "util/platform.h"
 
-/* XXH3-64 over the regular files of dir in name order (name and bytes). */
-static int dir_digest(const char *dir, char *out, size_t n, tp_err *err) {
+/* Feed a regular file's bytes into xs, reading through buf (bufsz bytes). */
+static int hash_file_into(XXH3_state_t *xs, const char *path, unsigned char *buf, size_t bufsz, tp_err *err) {
+    int fd = tp_open_regular(path, NULL, err);
+    if (fd < 0) return fd;
+    int rc = TP_OK;
+    for (;;) {
+        ssize_t got = read(fd, buf, bufsz);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) rc = tp_fail(err, TP_EIO, "%s: read failed: %s", path, strerror(errno));
+        if (got <= 0) break;
+        XXH3_64bits_update(xs, buf, (size_t)got);
+    }
+    close(fd);
+    return rc;
+}
+
+/* "xxh3:<16 hex>" of one file (dir = 0) or of the regular files of a
+ * directory in name order, each as its name (with the NUL) then its bytes. */
+static int digest(const char *path, int dir, char *out, size_t n, tp_err *err) {
     struct dirent **ents = NULL;
-    int ne = scandir(dir, &ents, NULL, alphasort);
-    if (ne < 0) return tp_fail(err, TP_EIO, "%s: cannot list: %s", dir, strerror(errno));
+    int ne = 0;
+    if (dir && (ne = scandir(path, &ents, NULL, alphasort)) < 0)
+        return tp_fail(err, TP_EIO, "%s: cannot list: %s", path, strerror(errno));
     XXH3_state_t *xs = XXH3_createState();
     size_t bufsz = (size_t)4 << 20;
     unsigned char *buf = malloc(bufsz);
     int rc = xs && buf ? TP_OK : tp_fail(err, TP_ENOMEM, "out of memory");
     if (rc == TP_OK) XXH3_64bits_reset(xs);
+    if (rc == TP_OK && !dir) rc = hash_file_into(xs, path, buf, bufsz, err);
     for (int i = 0; i < ne; i++) {
-        char path[TP_PATH_MAX + 300];
-        snprintf(path, sizeof path, "%s/%s", dir, ents[i]->d_name);
+        char fp[TP_PATH_MAX + 300];
+        snprintf(fp, sizeof fp, "%s/%s", path, ents[i]->d_name);
         struct stat st;
-        if (rc == TP_OK && ents[i]->d_name[0] != '.' && stat(path, &st) == 0 && S_ISREG(st.st_mode)) {
+        if (rc == TP_OK && ents[i]->d_name[0] != '.' && stat(fp, &st) == 0 && S_ISREG(st.st_mode)) {
             XXH3_64bits_update(xs, ents[i]->d_name, strlen(ents[i]->d_name) + 1);
-            int fd = tp_open_regular(path, NULL, err);
-            if (fd < 0) rc = fd;
-            for (; rc == TP_OK;) {
-                ssize_t got = read(fd, buf, bufsz);
-                if (got < 0 && errno == EINTR) continue;
-                if (got < 0) rc = tp_fail(err, TP_EIO, "%s: read failed: %s", path, strerror(errno));
-                if (got <= 0) break;
-                XXH3_64bits_update(xs, buf, (size_t)got);
-            }
-            if (fd >= 0) close(fd);
+            rc = hash_file_into(xs, fp, buf, bufsz, err);
         }
         free(ents[i]);
     }
@@ -206,7 +216,7 @@ int tp_tr_setup_pissa(run *R, int need_ab, tp_err *err) {
     }
     free(keep);
     if (rc) return tp_err_prefix(err, "lora.init: pissa: %s", R->pissa_dir);
-    if (R->d->rank == 0) rc = dir_digest(R->pissa_dir, R->pissa_digest, sizeof R->pissa_digest, err);
+    if (R->d->rank == 0) rc = digest(R->pissa_dir, 1, R->pissa_digest, sizeof R->pissa_digest, err);
     return rc;
 }
 
@@ -241,32 +251,6 @@ int tp_tr_setup_tokenizer(run *R, tp_tokenizer **tok, tp_err *err) {
                        c->data.tokenizer[0] ? c->data.tokenizer : c->model_path, tp_tokenizer_vocab_size(*tok) - 1,
                        (long long)R->hf->cfg.vocab, c->model_path);
     return TP_OK;
-}
-
-/* XXH3-64 of the token shard (rank 0): a checkpoint records it, and a
- * resume over a data file with other contents is refused. */
-static int data_digest(run *R, const char *shard, tp_err *err) {
-    int fd = tp_open_regular(shard, NULL, err);
-    if (fd < 0) return fd;
-    XXH3_state_t *xs = XXH3_createState();
-    size_t bufsz = (size_t)4 << 20;
-    unsigned char *buf = malloc(bufsz);
-    int rc = TP_OK;
-    if (!xs || !buf) rc = tp_fail(err, TP_ENOMEM, "out of memory");
-    else XXH3_64bits_reset(xs);
-    for (; rc == TP_OK;) {
-        ssize_t got = read(fd, buf, bufsz);
-        if (got < 0 && errno == EINTR) continue;
-        if (got < 0) rc = tp_fail(err, TP_EIO, "%s: read failed: %s", shard, strerror(errno));
-        if (got <= 0) break;
-        XXH3_64bits_update(xs, buf, (size_t)got);
-    }
-    if (rc == TP_OK)
-        snprintf(R->data_digest, sizeof R->data_digest, "xxh3:%016llx", (unsigned long long)XXH3_64bits_digest(xs));
-    if (xs) XXH3_freeState(xs);
-    free(buf);
-    close(fd);
-    return rc;
 }
 
 /* After the (collective) data preparation: rows, sampler, buffers. */
@@ -309,7 +293,9 @@ int tp_tr_setup_data(run *R, const char *shard, tp_err *err) {
     R->bk_v = tp_calloc(n ? n : 1, sizeof(float), err);
     R->resume_json = tp_train_cfg_resume_json(c);
     if (!R->adam_m || !R->adam_v || !R->bk_theta || !R->bk_m || !R->bk_v || !R->resume_json) return TP_ENOMEM;
-    if (R->d->rank == 0) return data_digest(R, shard, err);
+    /* the token shard's digest (rank 0): a checkpoint records it, and a resume
+     * over a data file with other contents is refused */
+    if (R->d->rank == 0) return digest(shard, 0, R->data_digest, sizeof R->data_digest, err);
     return TP_OK;
 }
 
