@@ -52,52 +52,14 @@ for c in $CASES; do
   name="seq${seq}-r${ranks}x${threads}"
   run="$W/run-$name"
   rm -rf "$run"
-  cat >"$W/$name.yaml" <<EOF
-model:
-  path: $M
-run:
-  dir: $run
-seed: 0
-trainable: lora
-lora:
-  r: 8
-  alpha: 16
-  dropout: 0.0
-  target_modules: [q_proj, k_proj, v_proj, o_proj]
-liza:
-  enabled: true
-  preset: delta_product
-  chunk_size: 64
-mag:
-  mode: learnable
-  mu0: 0.5
-compute:
-  matmul: auto
-  recompute: true
-data:
-  format: tokens
-  path: $W/data.tok
-  seq_len: $seq
-batch:
-  global: $ranks
-  micro: 1
-optimizer:
-  lr: 1.0e-4
-schedule:
-  kind: constant
-  warmup_steps: 0
-  total_steps: $STEPS
-checkpoint:
-  every: 0
-  keep: 1
-logging:
-  every: 1
-EOF
+  # the step of bench/lora-liza-step.yaml with this case's settings
+  sets=(--set "model.path=$M" --set "run.dir=$run" --set "data.path=$W/data.tok" --set "data.seq_len=$seq"
+        --set "batch.global=$ranks" --set "schedule.total_steps=$STEPS" --set mag.mode=learnable)
   echo "== $name: seq $seq, $ranks rank(s) x $threads thread(s), $STEPS step(s); load average $(cut -d' ' -f1-3 /proc/loadavg)"
   "$T" inspect --json --seq-len "$seq" --lora-rank 8 "$M" >"$W/$name.inspect.json"
   set +e
   OMP_NUM_THREADS=$threads "$PY" bench/memsample.py --interval 0.05 --name "$(basename "$T")" --json "$W/$name.mem.json" -- \
-    mpirun --oversubscribe --bind-to none -np "$ranks" -x OMP_NUM_THREADS "$T" train "$W/$name.yaml" \
+    mpirun --oversubscribe --bind-to none -np "$ranks" -x OMP_NUM_THREADS "$T" train bench/lora-liza-step.yaml "${sets[@]}" \
     >"$W/$name.log" 2>&1
   rc=$?
   set -e

@@ -23,7 +23,8 @@
 # --cores: threads in all (ranks x threads per rank; PyTorch gets all of them).
 # --model DIR: an existing model with --layers layers (else one is written
 #   under $TMPDIR or /tmp and removed); --keep DIR: keep metrics.jsonl, the
-#   config and the trainer's stderr there.
+#   config (bench/lora-liza-step.yaml and its --set overrides, sets.txt) and
+#   the trainer's stderr there.
 # --batch: sequences per step over all ranks (a multiple of --ranks).
 # The first step (page faults of the mapped weights, first-touch buffers) is
 # left out; the best and the mean of the others are printed.
@@ -78,45 +79,10 @@ with open(path, "w") as f:
         f.write(json.dumps({"ids": [r.randrange(128256) for _ in range(seq)]}) + "\n")
 PY
 $T make-shard --jsonl --vocab 128256 -o "$work/data.tok" "$work/data.jsonl" >/dev/null
-cat >"$work/step.yaml" <<EOF
-model:
-  path: $model
-run:
-  dir: $work/run
-seed: 0
-trainable: lora
-lora:
-  r: 8
-  alpha: 16
-  dropout: 0.0
-  target_modules: [q_proj, k_proj, v_proj, o_proj]
-liza:
-  enabled: true
-  preset: delta_product
-  chunk_size: 64
-mag:
-  mode: constant
-  mu0: 0.5
-compute:
-  matmul: $matmul
-  recompute: $([ "$recompute" = 1 ] && echo true || echo false)
-data:
-  format: tokens
-  path: $work/data.tok
-  seq_len: $seq
-batch:
-  global: $batch
-  micro: 1
-optimizer:
-  lr: 1.0e-4
-schedule:
-  kind: constant
-  total_steps: $steps
-checkpoint:
-  every: 0
-logging:
-  every: 1
-EOF
+# the step of bench/lora-liza-step.yaml with this run's settings
+sets=(--set "model.path=$model" --set "run.dir=$work/run" --set "data.path=$work/data.tok" --set "data.seq_len=$seq"
+      --set "batch.global=$batch" --set "schedule.total_steps=$steps" --set "compute.matmul=$matmul"
+      --set "compute.recompute=$([ "$recompute" = 1 ] && echo true || echo false)")
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "ours: tptt train, $layers layers + head, seq $seq, $batch sequences per step, $ranks rank(s) x $threads thread(s)," \
@@ -125,10 +91,10 @@ prof=()
 [ -z "$perf" ] || prof=(perf record -g -F 250 -o "$perf" --)
 train() {
   if [ "$ranks" -eq 1 ]; then
-    OMP_NUM_THREADS=$threads "${prof[@]}" $T train "$work/step.yaml"
+    OMP_NUM_THREADS=$threads "${prof[@]}" $T train bench/lora-liza-step.yaml "${sets[@]}"
   else
     OMP_NUM_THREADS=$threads "${prof[@]}" mpirun --oversubscribe --bind-to none -np "$ranks" \
-      -x OMP_NUM_THREADS -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM $T train "$work/step.yaml"
+      -x OMP_NUM_THREADS -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM $T train bench/lora-liza-step.yaml "${sets[@]}"
   fi
 }
 TIMEFORMAT="%R %U %S"
@@ -138,7 +104,8 @@ echo "  cpu: $usr s user + $sys s sys over $wall s wall x $cores cores" \
   "= $(awk -v u="$usr" -v s="$sys" -v w="$wall" -v c="$cores" 'BEGIN { printf "%.0f", 100 * (u + s) / (w * c) }')% busy" \
   "(whole run: start-up, every step, checkpoint)"
 grep -h "^efficiency:\|matmul$" "$work/err" | sed 's/^/  /' || true
-[ -z "$keep" ] || { mkdir -p "$keep" && cp "$work/run/metrics.jsonl" "$work/step.yaml" "$work/err" "$keep"/; }
+[ -z "$keep" ] || { mkdir -p "$keep" && cp "$work/run/metrics.jsonl" bench/lora-liza-step.yaml "$work/err" "$keep"/ &&
+                    printf '%s %s\n' "${sets[@]}" >"$keep/sets.txt"; }
 /usr/bin/python3 - "$work/run/metrics.jsonl" "$ranks" >"$work/ours" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()][1:]  # the first step is warm-up
