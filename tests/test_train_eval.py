@@ -103,6 +103,14 @@ def main():
                               for x in recs), f"efficiency fields: {recs[0]}")
                     check("GFLOP/s (" in p.stdout and "efficiency:" in p.stderr and "matmul rate" in p.stderr,
                           f"efficiency on the progress line: {p.stdout[-300:]}")
+                    # the rate on the step's own products is a FLOP-weighted harmonic
+                    # mean of per-product rates: above 0, not above the fastest one (4 shapes: q/o,
+                    # k/v, down, and gate/up = the 64-token head [64 x 32] at the same rows)
+                    m = re.search(r"raw matmul rate ([0-9.]+) GFLOP/s per rank on them \(.* on the step's (\d+) "
+                                  r"weight shapes x 2 directions.*fastest product ([0-9.]+) GFLOP/s", p.stderr)
+                    check(m is not None and 0 < float(m.group(1)) <= float(m.group(3)) * 1.0005 and
+                          int(m.group(2)) == 4 and abs(recs[0]["matmul_gflops"] - float(m.group(1))) <= 0.05 + 1e-3 *
+                          float(m.group(1)), f"efficiency line: {[l for l in p.stderr.splitlines() if 'efficiency' in l]}")
                     png = os.path.join(tmp, "val.png")
                     q = subprocess.run([tu.TPTT, "plot", os.path.join(r, "metrics.jsonl"), "-o", png], capture_output=True,
                                        text=True)

@@ -128,6 +128,10 @@ int tp_decoder_create(const tp_hf_model *base, const tp_decoder_opts *o, tp_deco
 uint64_t tp_decoder_arena_floats(const tp_model_config *c, int64_t N, int64_t T, int64_t lora_r, int liza,
                                  int recompute, int inference, uint64_t *saved);
 
+/* Tokens per block of the LM head + cross-entropy for a vocabulary of V and
+ * N tokens (the head's products run on blocks of this many rows). */
+int64_t tp_decoder_head_block(int64_t V, int64_t N);
+
 void tp_decoder_destroy(tp_decoder *m);
 
 size_t tp_decoder_nparams(const tp_decoder *m);

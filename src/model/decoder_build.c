@@ -358,6 +358,8 @@ void tp_decoder_destroy(tp_decoder *m) {
 
 /* ---- activation memory ------------------------------------------------- */
 
+int64_t tp_decoder_head_block(int64_t V, int64_t N) { return tp_head_block(V, N); }
+
 uint64_t tp_decoder_arena_floats(const tp_model_config *c, int64_t N, int64_t T, int64_t lora_r, int liza,
                                  int recompute, int inference, uint64_t *saved) {
     int64_t D = c->hidden, F = c->ffn, qd = c->heads * c->head_dim, kvd = c->kv_heads * c->head_dim;

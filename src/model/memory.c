@@ -44,11 +44,9 @@ void tp_mem_estimate_compute(const tp_model_config *c, uint64_t frozen_bytes, co
     /* matmul scratch, beside the arena: bf16 path, the activations rounded
      * to bf16 for the largest product (a layer's input of max(F, D, H·d)
      * features, or the head's dX over a block of tokens x V, the block as in
-     * decoder_impl.h's tp_head_block); f32 path, the fp32 copy of the largest
+     * tp_decoder_head_block); f32 path, the fp32 copy of the largest
      * frozen matrix (the LM head when V > F). */
-    uint64_t blk = ((uint64_t)32 << 20) / (V ? V : 1);
-    if (blk < 1) blk = 1;
-    if (blk > T) blk = T;
+    uint64_t blk = (uint64_t)tp_decoder_head_block((int64_t)(V ? V : 1), (int64_t)T);
     uint64_t maxin = F > D ? F : D;
     if (maxin < qd) maxin = qd;
     uint64_t big = F * D > V * D ? F * D : V * D;

@@ -751,8 +751,8 @@ static int train_run(run *R0, const char *resume_mode) {
                 env_or("SLURM_RESTART_COUNT", "0"), env_or("SLURM_JOB_NODELIST", "-"));
         if (R.mm_rate > 0)
             fprintf(stderr,
-                    "efficiency: %.4g dense GFLOP per token per step (weight products: forward, dX%s%s); matmul rate "
-                    "%.1f GFLOP/s per rank (%s, measured now); each step reports its GFLOP/s and share of it\n",
+                    "efficiency: %.4g dense GFLOP per token per step (weight products: forward, dX%s%s); raw matmul rate "
+                    "%.1f GFLOP/s per rank on them (%s, measured now); each step reports its GFLOP/s and share of it\n",
                     R.flop_token * 1e-9, cfg->dec.trainable != TP_TRAIN_LORA ? ", dW of trained weights" : "",
                     cfg->dec.recompute ? ", recompute" : "", R.mm_rate, R.mm_what);
     }

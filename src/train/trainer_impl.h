@@ -40,9 +40,9 @@ typedef struct run {
     int64_t step, tokens_seen, tokens_trained; /* tokens_trained: labelled tokens of the steps done */
     int bad_run;
     double flop_token;  /* dense FLOP per token of a step (frozen weights 4, trained full weights 6, +2 recompute) */
-    double mm_rate;     /* GFLOP/s of the matmul backend on the model's shapes, measured at start-up (best product; mean over
-                           ranks running at once); 0: not measured */
-    char mm_what[160];  /* how it was measured */
+    double mm_rate;     /* GFLOP/s of the matmul backend on the step's own weight products, measured at start-up (each
+                           shape's best time; mean over ranks running at once); 0: not measured */
+    char mm_what[200];  /* how it was measured */
     char pissa_dir[TP_PATH_MAX + 32]; /* lora.init pissa: run.dir/pissa-base, the base trained on ("" = none) */
     char pissa_digest[48];            /* "xxh3:<16 hex>" of its files (rank 0) */
     char *eval_shard;  /* validation: eval.path's shard, or the training shard (eval.split); NULL: none */

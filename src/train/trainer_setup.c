@@ -397,75 +397,129 @@ int tp_tr_run_eval(run *R, double *loss, int64_t *tokens, tp_err *err) {
     return TP_OK;
 }
 
-/* Dense FLOP per token of one optimizer step, counting the products with
- * the model's weight matrices only (not attention scores, LiZA, LoRA, norms):
- * 2 for the forward and 2 for dX of every frozen matrix, 2 more for dW of a
- * trained full matrix (trainable: projections / all), 2 more for the
- * recomputed forward of the layers (compute.recompute). */
-static double flop_per_token(const run *R) {
+/* The model's weight matrices as the step uses them: per matrix, dense FLOP
+ * per token of its forward-direction products (x·Wᵀ: the forward, the
+ * recomputed forward of a layer with compute.recompute, and dW of a trained
+ * full weight, timed as a forward product) and of its dX product (dY·W).
+ * Only the products with the model's weights count (not attention scores,
+ * LiZA, LoRA, norms). Returns 0 for a matrix the step does not multiply. */
+static int weight_flops(const run *R, const tp_weight_desc *w, double *fwd, double *dx) {
     const tp_decoder_opts *o = &R->cfg->dec;
-    double f = 0;
-    for (size_t i = 0; i < R->hf->nweights; i++) {
-        const tp_weight_desc *w = &R->hf->desc[i];
-        int mod = w->kind == TP_W_Q ? TP_MOD_Q : w->kind == TP_W_K ? TP_MOD_K : w->kind == TP_W_V ? TP_MOD_V
-                  : w->kind == TP_W_O ? TP_MOD_O : w->kind == TP_W_GATE ? TP_MOD_GATE : w->kind == TP_W_UP ? TP_MOD_UP
-                  : w->kind == TP_W_DOWN ? TP_MOD_DOWN : -1;
-        int head = w->kind == TP_W_LM_HEAD || (w->kind == TP_W_EMBED && R->hf->cfg.tie_embeddings);
-        if (w->ndim != 2 || (mod < 0 && !head)) continue;
-        int trained = o->trainable == TP_TRAIN_ALL ||
-                      (o->trainable == TP_TRAIN_PROJECTIONS && mod >= 0 && ((o->lora.targets >> mod) & 1));
-        double coef = 4 + (trained ? 2 : 0) + (o->recompute && mod >= 0 ? 2 : 0);
-        f += coef * (double)w->shape[0] * (double)w->shape[1];
-    }
+    int mod = w->kind == TP_W_Q ? TP_MOD_Q : w->kind == TP_W_K ? TP_MOD_K : w->kind == TP_W_V ? TP_MOD_V
+              : w->kind == TP_W_O ? TP_MOD_O : w->kind == TP_W_GATE ? TP_MOD_GATE : w->kind == TP_W_UP ? TP_MOD_UP
+              : w->kind == TP_W_DOWN ? TP_MOD_DOWN : -1;
+    int head = w->kind == TP_W_LM_HEAD || (w->kind == TP_W_EMBED && R->hf->cfg.tie_embeddings);
+    if (w->ndim != 2 || (mod < 0 && !head)) return 0;
+    int trained = o->trainable == TP_TRAIN_ALL ||
+                  (o->trainable == TP_TRAIN_PROJECTIONS && mod >= 0 && ((o->lora.targets >> mod) & 1));
+    double rc = (double)w->shape[0] * (double)w->shape[1];
+    *fwd = (2.0 + (trained ? 2 : 0) + (o->recompute && mod >= 0 ? 2 : 0)) * rc;
+    *dx = 2.0 * rc;
+    return mod >= 0 ? 1 : 2; /* 2: the LM head (runs on blocks of tokens) */
+}
+
+/* Dense FLOP per token of one optimizer step: 4 per frozen weight (forward
+ * and dX), 6 per trained full weight (dW too), +2 per layer weight with
+ * recompute. */
+static double flop_per_token(const run *R) {
+    double f = 0, fw, dx;
+    for (size_t i = 0; i < R->hf->nweights; i++)
+        if (weight_flops(R, &R->hf->desc[i], &fw, &dx)) f += fw + dx;
     return f;
 }
 
-/* Collective: the rate of the matmul backend in use on the model's largest
- * layer matrix (its stored dtype), n = the micro-batch's tokens (at most
- * 1024, and at most ~15 GFLOP a product): forward and dX products
- * alternately for about 0.5 s (< 1 s), the fastest one's rate. Every rank
- * measures at the same time (as they will run); the mean over ranks is
- * kept. */
+/* Best time of a product over at least 2 runs and ~0.05 s (1 run when one
+ * takes over 0.25 s), after a warm-up (primitive creation, first touch);
+ * < 0 on failure. */
+static double best_product_s(tp_matmul *mm, int dyw, const float *x, int64_t n, const tp_weight *w, float *y) {
+    tp_err e = {0};
+    if ((dyw ? tp_mm_dyw(mm, x, n, w, y, 0, &e) : tp_mm_xwt(mm, x, n, w, y, 0, &e)) != TP_OK) return -1;
+    double best = 0, t0 = tp_tr_now();
+    for (int k = 0; k < 30; k++) {
+        double a = tp_tr_now();
+        if ((dyw ? tp_mm_dyw(mm, x, n, w, y, 0, &e) : tp_mm_xwt(mm, x, n, w, y, 0, &e)) != TP_OK) return -1;
+        double dt = tp_tr_now() - a, t = tp_tr_now() - t0;
+        if (best == 0 || dt < best) best = dt;
+        if ((k >= 1 && t >= 0.05) || best > 0.25) break;
+    }
+    return best > 0 ? best : -1;
+}
+
+/* Collective: the raw rate of the matmul backend in use on the step's own
+ * frozen-weight products. Every distinct weight shape (stored dtype) is
+ * timed forward (x·Wᵀ) and backward (dY·W) with the step's rows: the
+ * micro-batch's tokens (at most 1024: the GEMMs are saturated by then) and,
+ * for the LM head, its block of tokens. Each product's best time is kept (a
+ * mean over a short window swung 2.5x with the machine's load; the best is
+ * what the hardware gives, so the share errs low). The rate is the step's
+ * dense FLOP over the time those products take at those rates, so a step at
+ * 100% spends its whole time in raw GEMM. Every rank measures at the same
+ * time (as they will run); the mean over ranks is kept. */
 void tp_tr_measure_rate(run *R) {
     const tp_train_cfg *c = R->cfg;
-    const tp_tensor_view *best = NULL;
-    for (size_t i = 0; i < R->hf->nweights; i++) {
-        const tp_weight_desc *w = &R->hf->desc[i];
-        if (w->ndim != 2 || w->layer < 0 || w->kind == TP_W_EMBED) continue;
-        if (!best || R->hf->views[i]->numel > best->numel) best = R->hf->views[i];
-    }
-    double rate = 0;
     int64_t n = c->micro_batch * c->data.seq_len;
     if (n > 1024) n = 1024;
+    int64_t nh = tp_decoder_head_block(R->hf->cfg.vocab, c->micro_batch * c->data.seq_len);
+    if (nh > 1024) nh = 1024;
+    enum { MAXC = 16 };
+    struct shape_cls { int64_t rows, cols, n; tp_dtype dt; const void *data; double t_fwd, t_dx; } cls[MAXC];
+    int ncls = 0, ok = 1;
+    size_t widest = 0;
+    for (size_t i = 0; i < R->hf->nweights && ok; i++) {
+        double fw, dx;
+        const tp_weight_desc *w = &R->hf->desc[i];
+        int kind = weight_flops(R, w, &fw, &dx);
+        if (!kind) continue;
+        const tp_tensor_view *v = R->hf->views[i];
+        int64_t rows = v->shape[0], cols = v->shape[1], nn = kind == 2 ? nh : n;
+        int j = 0;
+        while (j < ncls && !(cls[j].rows == rows && cls[j].cols == cols && cls[j].n == nn && cls[j].dt == v->dtype))
+            j++;
+        if (j == ncls) {
+            if (ncls == MAXC) { ok = 0; break; }
+            cls[ncls++] = (struct shape_cls){rows, cols, nn, v->dtype, v->data, 0, 0};
+        }
+        size_t need = (size_t)nn * (size_t)(rows > cols ? rows : cols);
+        if (need > widest) widest = need;
+    }
+    double rate = 0, peak = 0;
     tp_matmul *mm = NULL;
     tp_err e2 = {0};
     float *x = NULL, *y = NULL;
-    if (best && best->ndim == 2 && tp_matmul_create(R->used, &mm, &e2) == TP_OK) {
-        int64_t rows = best->shape[0], cols = best->shape[1], big = rows > cols ? rows : cols;
-        /* at most ~15 GFLOP a product, so warm-up + 2 timed products stay under a second */
-        int64_t cap = (int64_t)(15e9 / (2.0 * (double)rows * (double)cols));
-        if (n > cap) n = cap < 32 ? 32 : cap;
-        x = malloc((size_t)(n * big) * sizeof(float));
-        y = malloc((size_t)(n * big) * sizeof(float));
+    if (ok && ncls > 0 && tp_matmul_create(R->used, &mm, &e2) == TP_OK) {
+        x = malloc(widest * sizeof(float));
+        y = malloc(widest * sizeof(float));
         if (x && y) {
-            for (int64_t i = 0; i < n * big; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
-            tp_weight w = {best->data, best->dtype, rows, cols};
-            int ok = tp_mm_xwt(mm, x, n, &w, y, 0, &e2) == TP_OK; /* warm-up (buffers, packing) */
-            /* the best single product, not the mean: on a loaded node a mean over
-             * 0.3 s swung 2.5x between runs (shares above 100% followed); the
-             * best is what the hardware gives, so the share is conservative */
-            double t0 = tp_tr_now(), t = 0, best_dt = 0;
-            for (int64_t k = 0; ok && (t < 0.5 || k < 3) && k < 200; k++) {
-                double a = tp_tr_now();
-                ok = (k & 1) ? tp_mm_dyw(mm, x, n, &w, y, 0, &e2) == TP_OK : tp_mm_xwt(mm, x, n, &w, y, 0, &e2) == TP_OK;
-                double dt = tp_tr_now() - a;
-                if (ok && dt > 0 && (best_dt == 0 || dt < best_dt)) best_dt = dt;
-                t = tp_tr_now() - t0;
+            for (size_t i = 0; i < widest; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+            for (int j = 0; j < ncls && ok; j++) {
+                tp_weight w = {cls[j].data, cls[j].dt, cls[j].rows, cls[j].cols};
+                cls[j].t_fwd = best_product_s(mm, 0, x, cls[j].n, &w, y);
+                cls[j].t_dx = best_product_s(mm, 1, x, cls[j].n, &w, y);
+                ok = cls[j].t_fwd > 0 && cls[j].t_dx > 0;
+                double f = 2.0 * (double)cls[j].n * (double)cls[j].rows * (double)cls[j].cols * 1e-9;
+                if (ok && f / cls[j].t_fwd > peak) peak = f / cls[j].t_fwd;
+                if (ok && f / cls[j].t_dx > peak) peak = f / cls[j].t_dx;
             }
-            if (ok && best_dt > 0) rate = 2.0 * (double)n * (double)rows * (double)cols / best_dt * 1e-9;
-            snprintf(R->mm_what, sizeof R->mm_what, "%s on [%lld x %lld] %s, %lld tokens",
-                     tp_matmul_backend(mm) == TP_MM_BF16 ? "oneDNN bf16" : "sgemm", (long long)rows, (long long)cols,
-                     tp_dtype_name(best->dtype), (long long)n);
+            /* seconds per token of the step's products at the measured rates */
+            double sec = 0, fw, dx;
+            for (size_t i = 0; i < R->hf->nweights && ok; i++) {
+                const tp_weight_desc *w = &R->hf->desc[i];
+                int kind = weight_flops(R, w, &fw, &dx);
+                if (!kind) continue;
+                const tp_tensor_view *v = R->hf->views[i];
+                int64_t nn = kind == 2 ? nh : n;
+                int j = 0;
+                while (cls[j].rows != v->shape[0] || cls[j].cols != v->shape[1] || cls[j].n != nn ||
+                       cls[j].dt != v->dtype)
+                    j++;
+                double per = 2.0 * (double)cls[j].n * (double)cls[j].rows * (double)cls[j].cols; /* FLOP a product */
+                sec += fw / per * cls[j].t_fwd + dx / per * cls[j].t_dx;
+            }
+            if (ok && sec > 0) rate = flop_per_token(R) / sec * 1e-9;
+            snprintf(R->mm_what, sizeof R->mm_what,
+                     "%s on the step's %d weight shapes x 2 directions, %lld tokens (head %lld); fastest product "
+                     "%.1f GFLOP/s", tp_matmul_backend(mm) == TP_MM_BF16 ? "oneDNN bf16" : "sgemm", ncls,
+                     (long long)n, (long long)nh, peak);
         }
     }
     free(x);

@@ -1,0 +1,156 @@
+/* vexp.c - see vexp.h. The three paths must stay operation-for-operation the
+ * same (tests/test_vexp.c compares them bit for bit). */
+#include "kernels/vexp.h"
+
+#include <immintrin.h>
+#include <math.h>
+
+#include "kernels/matmul.h"
+
+#define LOG2E 1.4426950408889634
+#define SHIFTER 6755399441055744.0 /* 1.5·2^52: t = x·log2e + SHIFTER holds round(x·log2e) in its low bits */
+#define LN2_HI 6.93147180369123816490e-01 /* 32 significant bits: n·LN2_HI is exact */
+#define LN2_LO 1.90821492927058770002e-10
+#define X_MIN (-708.0) /* below: 0 (2^n would leave the normal range) */
+
+/* 1/k!, k = 13 .. 0 (Horner order) */
+static const double C[14] = {
+    1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+    1.0 / 40320.0,      1.0 / 5040.0,      1.0 / 720.0,      1.0 / 120.0,     1.0 / 24.0,
+    1.0 / 6.0,          0.5,               1.0,              1.0,
+};
+
+/* not inlined: a caller's add must not fuse with its last product */
+__attribute__((noinline)) double tp_vexp1(double x) {
+    if (!(x >= X_MIN)) return x != x ? x : 0.0;
+    double t = fma(x, LOG2E, SHIFTER), n = t - SHIFTER;
+    double r = fma(-n, LN2_HI, x);
+    r = fma(-n, LN2_LO, r);
+    double p = C[0];
+    for (int k = 1; k < 14; k++) p = fma(p, r, C[k]);
+    union { double d; int64_t i; } tb = {t}, s;
+    s.i = (int64_t)((uint64_t)(tb.i + 1023) << 52);
+    return p * s.d;
+}
+
+#define TGT512 __attribute__((target("avx512f,avx2,fma")))
+#define TGT256 __attribute__((target("avx2,fma")))
+
+TGT512 static inline __m512d exp512(__m512d x) {
+    __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(LOG2E), _mm512_set1_pd(SHIFTER));
+    __m512d n = _mm512_sub_pd(t, _mm512_set1_pd(SHIFTER));
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
+    __m512d p = _mm512_set1_pd(C[0]);
+    for (int k = 1; k < 14; k++) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(C[k]));
+    __m512i e = _mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023)), 52);
+    __m512d y = _mm512_mul_pd(p, _mm512_castsi512_pd(e));
+    /* x < X_MIN (and -inf) -> 0; NaN fails the compare too but must stay NaN */
+    __mmask8 small = _mm512_cmp_pd_mask(x, _mm512_set1_pd(X_MIN), _CMP_LT_OQ);
+    return _mm512_mask_mov_pd(y, small, _mm512_setzero_pd());
+}
+
+TGT256 static inline __m256d exp256(__m256d x) {
+    __m256d t = _mm256_fmadd_pd(x, _mm256_set1_pd(LOG2E), _mm256_set1_pd(SHIFTER));
+    __m256d n = _mm256_sub_pd(t, _mm256_set1_pd(SHIFTER));
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_HI), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_LO), r);
+    __m256d p = _mm256_set1_pd(C[0]);
+    for (int k = 1; k < 14; k++) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(C[k]));
+    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023)), 52);
+    __m256d y = _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+    __m256d small = _mm256_cmp_pd(x, _mm256_set1_pd(X_MIN), _CMP_LT_OQ);
+    return _mm256_andnot_pd(small, y);
+}
+
+/* max is exact in any order; NaN skipped like `x > m ? x : m` (MAXPS
+ * returns its second operand when one is NaN) */
+static float vmax_scalar(const float *x, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+TGT512 static float vmax512(const float *x, int64_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + j), m);
+    float r = _mm512_reduce_max_ps(m);
+    for (; j < n; j++) r = x[j] > r ? x[j] : r;
+    return r;
+}
+
+static double reduce8(const double a[8]) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
+static double sum_scalar(const float *x, int64_t n, double shift, int64_t j, double acc[8]) {
+    for (; j < n; j++) acc[j & 7] += tp_vexp1((double)x[j] - shift);
+    return reduce8(acc);
+}
+
+TGT512 static double sum512(const float *x, int64_t n, double shift) {
+    __m512d acc = _mm512_setzero_pd(), s = _mm512_set1_pd(shift);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        acc = _mm512_add_pd(acc, exp512(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), s)));
+    double a[8];
+    _mm512_storeu_pd(a, acc);
+    return sum_scalar(x, n, shift, j, a);
+}
+
+TGT256 static double sum256(const float *x, int64_t n, double shift) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), s = _mm256_set1_pd(shift);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        a0 = _mm256_add_pd(a0, exp256(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j)), s)));
+        a1 = _mm256_add_pd(a1, exp256(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j + 4)), s)));
+    }
+    double a[8];
+    _mm256_storeu_pd(a, a0);
+    _mm256_storeu_pd(a + 4, a1);
+    return sum_scalar(x, n, shift, j, a);
+}
+
+static void scale_scalar(float *out, const float *x, int64_t j, int64_t n, double shift, float scale) {
+    for (; j < n; j++) out[j] = (float)tp_vexp1((double)x[j] - shift) * scale;
+}
+
+TGT512 static void scale512(float *out, const float *x, int64_t n, double shift, float scale) {
+    __m512d s = _mm512_set1_pd(shift);
+    __m256 sc = _mm256_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m512d e = exp512(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), s));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm512_cvtpd_ps(e), sc));
+    }
+    scale_scalar(out, x, j, n, shift, scale);
+}
+
+TGT256 static void scale256(float *out, const float *x, int64_t n, double shift, float scale) {
+    __m256d s = _mm256_set1_pd(shift);
+    __m128 sc = _mm_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        __m256d e = exp256(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j)), s));
+        _mm_storeu_ps(out + j, _mm_mul_ps(_mm256_cvtpd_ps(e), sc));
+    }
+    scale_scalar(out, x, j, n, shift, scale);
+}
+
+double tp_vexp_sum(const float *x, int64_t n, double shift) {
+    tp_mm_isa isa = tp_mm_isa_current();
+    if (isa == TP_ISA_AVX512) return sum512(x, n, shift);
+    if (isa == TP_ISA_AVX2) return sum256(x, n, shift);
+    double a[8] = {0};
+    return sum_scalar(x, n, shift, 0, a);
+}
+
+void tp_vexp_scale(float *out, const float *x, int64_t n, double shift, float scale) {
+    tp_mm_isa isa = tp_mm_isa_current();
+    if (isa == TP_ISA_AVX512) scale512(out, x, n, shift, scale);
+    else if (isa == TP_ISA_AVX2) scale256(out, x, n, shift, scale);
+    else scale_scalar(out, x, 0, n, shift, scale);
+}
+
+float tp_vmax_f32(const float *x, int64_t n) {
+    return tp_mm_isa_current() == TP_ISA_AVX512 ? vmax512(x, n) : vmax_scalar(x, n);
+}
