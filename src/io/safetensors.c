@@ -428,7 +428,7 @@ int tp_st_writer_open(const char *path, const tp_st_spec *specs, size_t n, const
     if (!w->path || !w->tmp) { tp_strbuf_free(&h); tp_st_writer_abort(w); return TP_ENOMEM; }
     w->fp = fopen(w->tmp, "wb");
     if (!w->fp) {
-        int rc = tp_fail(err, TP_EIO, "%s: cannot create: %s", w->tmp, strerror(errno));
+        int rc = tp_fail_sys(err, TP_EIO, errno, "%s: cannot create", w->tmp);
         tp_strbuf_free(&h);
         tp_st_writer_abort(w);
         return rc;
@@ -440,7 +440,7 @@ int tp_st_writer_open(const char *path, const tp_st_spec *specs, size_t n, const
     int ok = fwrite(len8, 1, 8, w->fp) == 8 && fwrite(h.buf, 1, h.len, w->fp) == h.len;
     tp_strbuf_free(&h);
     if (!ok) {
-        int rc = tp_fail(err, TP_EIO, "%s: write failed: %s", w->tmp, strerror(errno));
+        int rc = tp_fail_sys(err, TP_EIO, errno, "%s: write failed", w->tmp);
         tp_st_writer_abort(w);
         return rc;
     }
@@ -453,7 +453,7 @@ int tp_st_writer_write(tp_st_writer *w, const void *bytes, size_t nbytes, tp_err
         return tp_fail(err, TP_EINVAL, "%s: %llu bytes written, more than the %llu the header declares", w->path,
                        (unsigned long long)(w->written + nbytes), (unsigned long long)w->expected);
     if (nbytes && fwrite(bytes, 1, nbytes, w->fp) != nbytes)
-        return tp_fail(err, TP_EIO, "%s: write failed: %s", w->tmp, strerror(errno));
+        return tp_fail_sys(err, TP_EIO, errno, "%s: write failed", w->tmp);
     w->written += nbytes;
     return TP_OK;
 }

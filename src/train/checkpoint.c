@@ -118,15 +118,15 @@ static int rm_tree(const char *path, tp_err *err) {
     struct stat st;
     if (lstat(path, &st) != 0) {
         if (errno == ENOENT) return TP_OK;
-        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(errno));
+        return tp_fail_sys(err, TP_EIO, errno, "%s: cannot stat", path);
     }
     if (!S_ISDIR(st.st_mode)) {
         if (unlink(path) != 0 && errno != ENOENT)
-            return tp_fail(err, TP_EIO, "%s: cannot remove: %s", path, strerror(errno));
+            return tp_fail_sys(err, TP_EIO, errno, "%s: cannot remove", path);
         return TP_OK;
     }
     DIR *d = opendir(path);
-    if (!d) return tp_fail(err, TP_EIO, "%s: cannot open directory: %s", path, strerror(errno));
+    if (!d) return tp_fail_sys(err, TP_EIO, errno, "%s: cannot open directory", path);
     int rc = TP_OK;
     struct dirent *e;
     while (rc == TP_OK && (e = readdir(d)) != NULL) {
@@ -138,7 +138,7 @@ static int rm_tree(const char *path, tp_err *err) {
     }
     closedir(d);
     if (rc == TP_OK && rmdir(path) != 0 && errno != ENOENT)
-        rc = tp_fail(err, TP_EIO, "%s: cannot remove directory: %s", path, strerror(errno));
+        rc = tp_fail_sys(err, TP_EIO, errno, "%s: cannot remove directory", path);
     return rc;
 }
 
@@ -166,7 +166,7 @@ int tp_ck_hash_file(const char *path, uint64_t *size, uint64_t *hash, tp_err *er
         ssize_t got = read(fd, buf, bufsz);
         if (got < 0) {
             if (errno == EINTR) continue;
-            rc = tp_fail(err, TP_EIO, "read failed: %s", strerror(errno));
+            rc = tp_fail_sys(err, TP_EIO, errno, "read failed");
             break;
         }
         if (got == 0) break;
@@ -189,14 +189,14 @@ static int write_text(const char *dir, const char *name, const char *text, tp_er
     if (!path) return TP_ENOMEM;
     FILE *fp = fopen(path, "wb");
     if (!fp) {
-        int rc = tp_fail(err, TP_EIO, "%s: cannot create: %s", path, strerror(errno));
+        int rc = tp_fail_sys(err, TP_EIO, errno, "%s: cannot create", path);
         free(path);
         return rc;
     }
     size_t n = strlen(text);
     int rc = TP_OK;
     if (n && fwrite(text, 1, n, fp) != n) {
-        rc = tp_fail(err, TP_EIO, "%s: write failed: %s", path, strerror(errno));
+        rc = tp_fail_sys(err, TP_EIO, errno, "%s: write failed", path);
         fclose(fp);
     } else {
         rc = tp_fclose_synced(fp, path, err);
@@ -218,7 +218,7 @@ int tp_ck_list_steps(const char *ckdir, tp_ck_entry **out, size_t *n, tp_err *er
     *out = NULL;
     *n = 0;
     DIR *d = opendir(ckdir);
-    if (!d) return tp_fail(err, TP_EIO, "%s: cannot open directory: %s", ckdir, strerror(errno));
+    if (!d) return tp_fail_sys(err, TP_EIO, errno, "%s: cannot open directory", ckdir);
     size_t cap = 0;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
@@ -334,7 +334,7 @@ static int install(const char *ckdir, const char *tmp, const char *final, long l
     struct stat st;
     if (lstat(final, &st) != 0) {
         if (rename(tmp, final) != 0)
-            return tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", tmp, final, strerror(errno));
+            return tp_fail_sys(err, TP_EIO, errno, "cannot rename %s to %s", tmp, final);
         return tp_fsync_dir(ckdir, err);
     }
     /* an existing directory that does not verify is not ours to delete (a
@@ -353,12 +353,12 @@ static int install(const char *ckdir, const char *tmp, const char *final, long l
         }
         int rc = TP_OK;
         if (rename(final, kp) != 0)
-            rc = tp_fail(err, TP_EIO, "cannot move the damaged %s aside to %s: %s", final, kp, strerror(errno));
+            rc = tp_fail_sys(err, TP_EIO, errno, "cannot move the damaged %s aside to %s", final, kp);
         else
             fprintf(stderr, "tptt: warning: %s did not verify (%s); kept as %s\n", final, ev.msg, kp);
         free(kp);
         if (rc == TP_OK && rename(tmp, final) != 0)
-            rc = tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", tmp, final, strerror(errno));
+            rc = tp_fail_sys(err, TP_EIO, errno, "cannot rename %s to %s", tmp, final);
         return rc == TP_OK ? tp_fsync_dir(ckdir, err) : rc;
     }
     /* replace: swap atomically where possible; tmp then holds the old one */
@@ -368,16 +368,16 @@ static int install(const char *ckdir, const char *tmp, const char *final, long l
         return rc;
     }
     if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
-        return tp_fail(err, TP_EIO, "cannot exchange %s and %s: %s", tmp, final, strerror(errno));
+        return tp_fail_sys(err, TP_EIO, errno, "cannot exchange %s and %s", tmp, final);
     char name[64];
     snprintf(name, sizeof name, ".old-step-%08lld-%ld", step, (long)getpid());
     char *old = tp_path_join(ckdir, name, err);
     if (!old) return TP_ENOMEM;
     int rc = rm_tree(old, err);
     if (rc == TP_OK && rename(final, old) != 0)
-        rc = tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", final, old, strerror(errno));
+        rc = tp_fail_sys(err, TP_EIO, errno, "cannot rename %s to %s", final, old);
     if (rc == TP_OK && rename(tmp, final) != 0) {
-        rc = tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", tmp, final, strerror(errno));
+        rc = tp_fail_sys(err, TP_EIO, errno, "cannot rename %s to %s", tmp, final);
         if (rename(old, final) != 0) { /* leave it as .old-: the scan falls back */ }
     }
     if (rc == TP_OK) rc = tp_fsync_dir(ckdir, err);
@@ -481,7 +481,7 @@ int tp_ckpt_write(const char *run_dir, const tp_decoder *m, const float *adam_m,
     if (rc == TP_OK && (!tmp || !final || !latest)) rc = TP_ENOMEM;
     if (rc == TP_OK) rc = rm_tree(tmp, err);
     if (rc == TP_OK && mkdir(tmp, 0777) != 0)
-        rc = tp_fail(err, TP_EIO, "%s: cannot create directory: %s", tmp, strerror(errno));
+        rc = tp_fail_sys(err, TP_EIO, errno, "%s: cannot create directory", tmp);
     int made = rc == TP_OK;
     if (rc == TP_OK) rc = write_files(tmp, m, adam_m, adam_v, info, err);
     if (rc == TP_OK) rc = write_manifest(tmp, has_lora(m), err);
@@ -534,7 +534,7 @@ int tp_ckpt_set_aside(const char *run_dir, char *moved_to, size_t n, tp_err *err
         if (!dst) { rc = TP_ENOMEM; break; }
         if (tp_exists(dst)) { free(dst); continue; }
         if (rename(ckdir, dst) != 0) {
-            rc = tp_fail(err, TP_EIO, "cannot move %s aside to %s: %s", ckdir, dst, strerror(errno));
+            rc = tp_fail_sys(err, TP_EIO, errno, "cannot move %s aside to %s", ckdir, dst);
         } else {
             rc = tp_fsync_dir(run_dir, err);
             snprintf(moved_to, n, "%s", dst);

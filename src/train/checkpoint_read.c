@@ -107,7 +107,7 @@ int tp_ck_verify(const char *ckpt_dir, tp_err *err) {
         int e = errno;
         free(mpath);
         return e == ENOENT ? tp_fail(err, TP_EFORMAT, "MANIFEST missing (incomplete checkpoint)")
-                           : tp_fail(err, TP_EIO, "MANIFEST: %s", strerror(e));
+                           : tp_fail_sys(err, TP_EIO, e, "MANIFEST");
     }
     char *text;
     size_t len;

@@ -190,8 +190,7 @@ int tp_tr_setup_pissa(run *R, int need_ab, tp_err *err) {
             memcpy(theta, sv, n * sizeof(float));
             free(sv);
             /* a full disk (or a file size limit) says so, with the size needed */
-            if (rc && (strstr(err->msg, strerror(ENOSPC)) || strstr(err->msg, strerror(EFBIG)) ||
-                       strstr(err->msg, strerror(EDQUOT))))
+            if (rc && tp_err_is_disk_full(err))
                 tp_err_prefix(err, "lora.init: pissa: not enough disk space for the residual base %s (it needs "
                               "%s, %s)", R->pissa_dir, fmt_size(s1, sizeof s1, (double)need), dn);
             else if (rc) tp_err_prefix(err, "lora.init: pissa: writing the residual base %s", R->pissa_dir);

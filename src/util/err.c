@@ -1,5 +1,6 @@
 #include "util/err.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,8 +21,26 @@ int tp_fail(tp_err *err, int code, const char *fmt, ...) {
         va_end(ap);
         one_line(err->msg);
         err->code = code;
+        err->sys_errno = 0;
     }
     return code;
+}
+
+int tp_fail_sys(tp_err *err, int code, int e, const char *fmt, ...) {
+    if (err) {
+        char head[TP_ERR_LEN];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(head, sizeof head, fmt, ap);
+        va_end(ap);
+        tp_fail(err, code, "%s: %s", head, strerror(e));
+        err->sys_errno = e;
+    }
+    return code;
+}
+
+int tp_err_is_disk_full(const tp_err *err) {
+    return err && (err->sys_errno == ENOSPC || err->sys_errno == EDQUOT || err->sys_errno == EFBIG);
 }
 
 int tp_err_prefix(tp_err *err, const char *fmt, ...) {

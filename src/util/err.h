@@ -22,14 +22,24 @@ enum {
 
 typedef struct tp_err {
     int code;
+    int sys_errno; /* errno of the failed system call (tp_fail_sys), else 0: lets a caller tell a full disk
+                      (ENOSPC, EDQUOT, EFBIG) from other failures without reading the message */
     char msg[TP_ERR_LEN];
 } tp_err;
 
-/* Fill err (if non-NULL) with a printf-style message and return code. */
+/* Fill err (if non-NULL) with a printf-style message and return code
+ * (sys_errno becomes 0). */
 int tp_fail(tp_err *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* The same for a failed system call: the message gets ": strerror(e)"
+ * appended and sys_errno = e. */
+int tp_fail_sys(tp_err *err, int code, int e, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* 1 if err records a full disk or file-size limit (ENOSPC, EDQUOT, EFBIG) */
+int tp_err_is_disk_full(const tp_err *err);
 
-/* Prefix an existing message: "<prefix>: <old message>". Returns err->code. */
+/* Prefix an existing message: "<prefix>: <old message>" (code and sys_errno
+ * kept). Returns err->code. */
 int tp_err_prefix(tp_err *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 

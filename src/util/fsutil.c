@@ -97,24 +97,24 @@ char *tp_dirname(const char *path, tp_err *err) {
 
 int tp_fclose_synced(FILE *fp, const char *path, tp_err *err) {
     int rc = TP_OK;
-    if (fflush(fp) != 0) rc = tp_fail(err, TP_EIO, "%s: write failed: %s", path, strerror(errno));
-    else if (fsync(fileno(fp)) != 0) rc = tp_fail(err, TP_EIO, "%s: fsync failed: %s", path, strerror(errno));
-    if (fclose(fp) != 0 && rc == TP_OK) rc = tp_fail(err, TP_EIO, "%s: close failed: %s", path, strerror(errno));
+    if (fflush(fp) != 0) rc = tp_fail_sys(err, TP_EIO, errno, "%s: write failed", path);
+    else if (fsync(fileno(fp)) != 0) rc = tp_fail_sys(err, TP_EIO, errno, "%s: fsync failed", path);
+    if (fclose(fp) != 0 && rc == TP_OK) rc = tp_fail_sys(err, TP_EIO, errno, "%s: close failed", path);
     return rc;
 }
 
 int tp_fsync_dir(const char *dir, tp_err *err) {
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open directory: %s", dir, strerror(errno));
+    if (fd < 0) return tp_fail_sys(err, TP_EIO, errno, "%s: cannot open directory", dir);
     int rc = TP_OK;
-    if (fsync(fd) != 0 && errno != EINVAL) rc = tp_fail(err, TP_EIO, "%s: fsync failed: %s", dir, strerror(errno));
+    if (fsync(fd) != 0 && errno != EINVAL) rc = tp_fail_sys(err, TP_EIO, errno, "%s: fsync failed", dir);
     close(fd);
     return rc;
 }
 
 int tp_rename_synced(const char *from, const char *to, tp_err *err) {
     if (rename(from, to) != 0)
-        return tp_fail(err, TP_EIO, "cannot rename %s to %s: %s", from, to, strerror(errno));
+        return tp_fail_sys(err, TP_EIO, errno, "cannot rename %s to %s", from, to);
     char *dir = tp_dirname(to, err);
     if (!dir) return TP_ENOMEM;
     int rc = tp_fsync_dir(dir, err);
@@ -127,12 +127,12 @@ int tp_write_file_atomic(const char *path, const void *data, size_t n, tp_err *e
     if (!tmp) return TP_ENOMEM;
     FILE *fp = fopen(tmp, "wb");
     if (!fp) {
-        int rc = tp_fail(err, TP_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+        int rc = tp_fail_sys(err, TP_EIO, errno, "%s: cannot create", tmp);
         free(tmp);
         return rc;
     }
     int rc = TP_OK;
-    if (n && fwrite(data, 1, n, fp) != n) rc = tp_fail(err, TP_EIO, "%s: write failed: %s", tmp, strerror(errno));
+    if (n && fwrite(data, 1, n, fp) != n) rc = tp_fail_sys(err, TP_EIO, errno, "%s: write failed", tmp);
     if (rc == TP_OK) rc = tp_fclose_synced(fp, tmp, err);
     else fclose(fp);
     if (rc == TP_OK) rc = tp_rename_synced(tmp, path, err);
@@ -145,12 +145,12 @@ int tp_open_regular(const char *path, struct stat *st, tp_err *err) {
     /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
      * writer forever; it is cleared again for the regular file */
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-    if (fd < 0) return tp_fail(err, TP_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if (fd < 0) return tp_fail_sys(err, TP_EIO, errno, "%s: cannot open", path);
     struct stat s;
     if (fstat(fd, &s) != 0) {
         int e = errno;
         close(fd);
-        return tp_fail(err, TP_EIO, "%s: cannot stat: %s", path, strerror(e));
+        return tp_fail_sys(err, TP_EIO, e, "%s: cannot stat", path);
     }
     if (!S_ISREG(s.st_mode)) {
         close(fd);
@@ -172,7 +172,7 @@ int tp_read_file(const char *path, size_t limit, char **out, size_t *len, tp_err
     FILE *fp = fdopen(fd, "rb");
     if (!fp) {
         close(fd);
-        return tp_fail(err, TP_ENOMEM, "%s: cannot open: %s", path, strerror(errno));
+        return tp_fail_sys(err, TP_ENOMEM, errno, "%s: cannot open", path);
     }
     if ((unsigned long long)st.st_size > limit) {
         fclose(fp);
@@ -203,7 +203,7 @@ int tp_mkdir_p(const char *path, tp_err *err) {
             char c = *s;
             *s = 0;
             if (mkdir(p, 0777) != 0 && errno != EEXIST) {
-                int rc = tp_fail(err, TP_EIO, "%s: cannot create directory: %s", p, strerror(errno));
+                int rc = tp_fail_sys(err, TP_EIO, errno, "%s: cannot create directory", p);
                 free(p);
                 return rc;
             }
@@ -241,7 +241,7 @@ int tp_map_readonly(const char *path, const void **map, size_t *size, tp_err *er
         if (m == MAP_FAILED) {
             int e = errno;
             close(fd);
-            return tp_fail(err, TP_EIO, "%s: cannot mmap %zu bytes: %s", path, n, strerror(e));
+            return tp_fail_sys(err, TP_EIO, e, "%s: cannot mmap %zu bytes", path, n);
         }
     }
     close(fd); /* the mapping keeps the file alive */
@@ -258,11 +258,11 @@ int tp_check_new_dir(const char *path, tp_err *err) {
     struct stat st;
     if (stat(path, &st) != 0) {
         if (errno == ENOENT) return TP_OK;
-        return tp_fail(err, TP_EIO, "%s: %s", path, strerror(errno));
+        return tp_fail_sys(err, TP_EIO, errno, "%s", path);
     }
     if (!S_ISDIR(st.st_mode)) return tp_fail(err, TP_EIO, "%s: exists and is not a directory", path);
     DIR *d = opendir(path);
-    if (!d) return tp_fail(err, TP_EIO, "%s: %s", path, strerror(errno));
+    if (!d) return tp_fail_sys(err, TP_EIO, errno, "%s", path);
     struct dirent *e;
     int empty = 1;
     while ((e = readdir(d)))
