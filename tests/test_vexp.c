@@ -57,20 +57,24 @@ int main(void) {
         if (n > 5) { x[2] = -INFINITY; x[4] = -1e30f; }
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
-        double sums[3] = {0, 0, 0};
+        double sums[3] = {0, 0, 0}, sumf[3] = {0, 0, 0};
         float mxs[3] = {0, 0, 0};
         for (int isa = 0; isa <= have; isa++) {
             tp_mm_force_isa(isa);
             mxs[isa] = tp_vmax_f32(x, n);
             sums[isa] = tp_vexp_sum(x, n, (double)mx);
+            sumf[isa] = tp_vexp_sum_fdiff(x, n, mx - 0.375f);
             tp_vexp_scale(o[isa], x, n, (double)mx + 0.25, 0.5f);
         }
-        long double ls = 0;
+        long double ls = 0, lf = 0;
         for (int64_t j = 0; j < n; j++) ls += expl((long double)x[j] - (long double)mx);
+        for (int64_t j = 0; j < n; j++) lf += expl((long double)(x[j] - (mx - 0.375f))); /* float difference */
         for (int isa = 0; isa <= have; isa++) {
             CHECK_MSG(mxs[isa] == mx || (n == 0 && isinf(mxs[isa])), "n %lld isa %d max", (long long)n, isa);
             CHECK_MSG(memcmp(&sums[isa], &sums[0], sizeof(double)) == 0, "n %lld isa %d sum %.17g vs %.17g",
                       (long long)n, isa, sums[isa], sums[0]);
+            CHECK_MSG(memcmp(&sumf[isa], &sumf[0], sizeof(double)) == 0, "n %lld isa %d fdiff sum %.17g vs %.17g",
+                      (long long)n, isa, sumf[isa], sumf[0]);
             CHECK_MSG(memcmp(o[isa], o[0], (size_t)n * sizeof(float)) == 0, "n %lld isa %d scaled row differs",
                       (long long)n, isa);
         }
@@ -79,6 +83,9 @@ int main(void) {
         long double tol = ((long double)n / 8 + 4) * 0x1p-53L * ls;
         CHECK_MSG(n == 0 ? sums[0] == 0 : fabsl((long double)sums[0] - ls) <= tol, "n %lld sum %.17g vs %.17Lg",
                   (long long)n, sums[0], ls);
+        tol = ((long double)n / 8 + 4) * 0x1p-53L * lf;
+        CHECK_MSG(n == 0 ? sumf[0] == 0 : fabsl((long double)sumf[0] - lf) <= tol, "n %lld fdiff sum %.17g vs %.17Lg",
+                  (long long)n, sumf[0], lf);
         int bad = 0;
         for (int64_t j = 0; j < n; j++) {
             float want = (float)exp((double)x[j] - ((double)mx + 0.25)) * 0.5f;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kernels/matmul.h"
+#include "kernels/vexp.h"
 
 #define BQ 64 /* query rows per block */
 
@@ -30,10 +31,8 @@ static void block_probs(const tp_attn_dims *s, const int32_t *ds, const float *q
         for (int64_t c = hi + 1; c < kn; c++) p[c] = 0;
         float l;
         if (lse_out) {
-            float mx = -INFINITY;
-            for (int64_t c = lo; c <= hi; c++) mx = p[c] > mx ? p[c] : mx;
-            double sum = 0;
-            for (int64_t c = lo; c <= hi; c++) sum += exp((double)(p[c] - mx));
+            float mx = tp_vmax_f32(p + lo, hi - lo + 1);
+            double sum = tp_vexp_sum_fdiff(p + lo, hi - lo + 1, mx);
             l = (float)(mx + log(sum));
             lse_out[r] = l;
         } else {

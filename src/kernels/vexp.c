@@ -82,32 +82,46 @@ TGT512 static float vmax512(const float *x, int64_t n) {
 
 static double reduce8(const double a[8]) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
-static double sum_scalar(const float *x, int64_t n, double shift, int64_t j, double acc[8]) {
-    for (; j < n; j++) acc[j & 7] += tp_vexp1((double)x[j] - shift);
+/* the argument of term j: (double)x - shift, or with fdiff the float
+ * difference x - (float)shift widened (as `exp((double)(x - m))` computes) */
+static inline double arg1(float x, double shift, int fdiff) {
+    return fdiff ? (double)(x - (float)shift) : (double)x - shift;
+}
+
+static double sum_scalar(const float *x, int64_t n, double shift, int fdiff, int64_t j, double acc[8]) {
+    for (; j < n; j++) acc[j & 7] += tp_vexp1(arg1(x[j], shift, fdiff));
     return reduce8(acc);
 }
 
-TGT512 static double sum512(const float *x, int64_t n, double shift) {
+TGT512 static double sum512(const float *x, int64_t n, double shift, int fdiff) {
     __m512d acc = _mm512_setzero_pd(), s = _mm512_set1_pd(shift);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        acc = _mm512_add_pd(acc, exp512(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), s)));
-    double a[8];
-    _mm512_storeu_pd(a, acc);
-    return sum_scalar(x, n, shift, j, a);
-}
-
-TGT256 static double sum256(const float *x, int64_t n, double shift) {
-    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), s = _mm256_set1_pd(shift);
+    __m256 sf = _mm256_set1_ps((float)shift);
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        a0 = _mm256_add_pd(a0, exp256(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j)), s)));
-        a1 = _mm256_add_pd(a1, exp256(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j + 4)), s)));
+        __m256 v = _mm256_loadu_ps(x + j);
+        __m512d a = fdiff ? _mm512_cvtps_pd(_mm256_sub_ps(v, sf)) : _mm512_sub_pd(_mm512_cvtps_pd(v), s);
+        acc = _mm512_add_pd(acc, exp512(a));
+    }
+    double a[8];
+    _mm512_storeu_pd(a, acc);
+    return sum_scalar(x, n, shift, fdiff, j, a);
+}
+
+TGT256 static double sum256(const float *x, int64_t n, double shift, int fdiff) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), s = _mm256_set1_pd(shift);
+    __m128 sf = _mm_set1_ps((float)shift);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m128 v0 = _mm_loadu_ps(x + j), v1 = _mm_loadu_ps(x + j + 4);
+        __m256d e0 = fdiff ? _mm256_cvtps_pd(_mm_sub_ps(v0, sf)) : _mm256_sub_pd(_mm256_cvtps_pd(v0), s);
+        __m256d e1 = fdiff ? _mm256_cvtps_pd(_mm_sub_ps(v1, sf)) : _mm256_sub_pd(_mm256_cvtps_pd(v1), s);
+        a0 = _mm256_add_pd(a0, exp256(e0));
+        a1 = _mm256_add_pd(a1, exp256(e1));
     }
     double a[8];
     _mm256_storeu_pd(a, a0);
     _mm256_storeu_pd(a + 4, a1);
-    return sum_scalar(x, n, shift, j, a);
+    return sum_scalar(x, n, shift, fdiff, j, a);
 }
 
 static void scale_scalar(float *out, const float *x, int64_t j, int64_t n, double shift, float scale) {
@@ -136,13 +150,17 @@ TGT256 static void scale256(float *out, const float *x, int64_t n, double shift,
     scale_scalar(out, x, j, n, shift, scale);
 }
 
-double tp_vexp_sum(const float *x, int64_t n, double shift) {
+static double vsum(const float *x, int64_t n, double shift, int fdiff) {
     tp_mm_isa isa = tp_mm_isa_current();
-    if (isa == TP_ISA_AVX512) return sum512(x, n, shift);
-    if (isa == TP_ISA_AVX2) return sum256(x, n, shift);
+    if (isa == TP_ISA_AVX512) return sum512(x, n, shift, fdiff);
+    if (isa == TP_ISA_AVX2) return sum256(x, n, shift, fdiff);
     double a[8] = {0};
-    return sum_scalar(x, n, shift, 0, a);
+    return sum_scalar(x, n, shift, fdiff, 0, a);
 }
+
+double tp_vexp_sum(const float *x, int64_t n, double shift) { return vsum(x, n, shift, 0); }
+
+double tp_vexp_sum_fdiff(const float *x, int64_t n, float shift) { return vsum(x, n, (double)shift, 1); }
 
 void tp_vexp_scale(float *out, const float *x, int64_t n, double shift, float scale) {
     tp_mm_isa isa = tp_mm_isa_current();

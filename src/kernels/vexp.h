@@ -1,5 +1,6 @@
 /* vexp.h - vectorised double-precision exp for softmax rows (the LM head's
- * cross-entropy), where glibc's scalar exp was ~5% of a training step.
+ * cross-entropy, the attention's log-sum-exp), where glibc's scalar exp was
+ * ~5% of a training step at seq 512 and more at long context.
  *
  * exp(x) for x <= 0 (arguments are logit - max or logit - logsumexp): Cody-Waite
  * reduction x = n·ln2 + r with ln2 split in two, exp(r) by a degree-13 Taylor
@@ -22,6 +23,9 @@
 float tp_vmax_f32(const float *x, int64_t n);
 /* Σ exp((double)x[j] - shift), j < n */
 double tp_vexp_sum(const float *x, int64_t n, double shift);
+/* Σ exp((double)(x[j] - shift)), the difference taken in float (softmax
+ * rows whose max is a float: the attention's log-sum-exp) */
+double tp_vexp_sum_fdiff(const float *x, int64_t n, float shift);
 /* out[j] = (float)exp((double)x[j] - shift) * scale (float product); out may be x */
 void tp_vexp_scale(float *out, const float *x, int64_t n, double shift, float scale);
 /* the scalar exp above, for tests: exp(x) for x <= 0 */
