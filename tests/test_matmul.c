@@ -225,8 +225,53 @@ static void check_onednn_avx2(const char *self) {
     CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child with ONEDNN_MAX_CPU_ISA=AVX2 failed (status %d)", st);
 }
 
+/* tp_mm_to_bf16 gives tp_f32_to_bf16's bits on every ISA: every exponent
+ * with random mantissas, ties (both parities), NaN payloads, ±inf, ±0,
+ * subnormals and the largest finite values (which round to inf), at lengths
+ * that leave tails */
+static void check_to_bf16(void) {
+    size_t n = 256 * 4099 + 37;
+    uint32_t *bits = malloc(n * sizeof *bits);
+    uint16_t *got = malloc(n * sizeof *got);
+    if (!bits || !got) { CHECK(0); free(bits); free(got); return; }
+    uint64_t st = 99;
+    for (size_t i = 0; i < n; i++) {
+        st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+        uint32_t r = (uint32_t)(st >> 32), e = (uint32_t)(i % 256) << 23, sign = (r & 1u) << 31;
+        switch (i % 7) {
+        case 0: bits[i] = sign | e | (r >> 9); break;                        /* any value of that exponent */
+        case 1: bits[i] = sign | e | ((r >> 9) & ~0xffffu) | 0x8000u; break; /* a tie */
+        case 2: bits[i] = sign | 0x7f800000u | ((r >> 9) | 1u); break;        /* NaN (payload, sign) */
+        case 3: bits[i] = sign | (r >> 9); break;                             /* subnormal or zero */
+        case 4: bits[i] = sign | 0x7f7f8000u | ((r >> 9) & 0x7fffu); break;  /* rounds to inf or not */
+        case 5: bits[i] = i & 8 ? 0x7f800000u : 0xff800000u; break;           /* ±inf */
+        default: bits[i] = sign | e | 0x7fffu; break;                         /* just below a tie */
+        }
+    }
+    const float *f = (const float *)(const void *)bits;
+    for (int isa = TP_ISA_AVX512; isa >= TP_ISA_SCALAR; isa--) {
+        if (tp_mm_force_isa(isa) != (tp_mm_isa)isa) continue;
+        size_t lens[] = {0, 1, 15, 16, 17, 16383, 16385, n};
+        for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+            memset(got, 0xa5, n * sizeof *got);
+            tp_mm_to_bf16(got, f, lens[k]);
+            size_t bad = 0, first = 0;
+            for (size_t i = 0; i < lens[k]; i++)
+                if (got[i] != tp_f32_to_bf16(f[i]) && bad++ == 0) first = i;
+            CHECK_MSG(bad == 0, "isa %s n %zu: %zu values differ, first %08x -> %04x, want %04x",
+                      tp_mm_isa_name((tp_mm_isa)isa), lens[k], bad, bits[first], got[first],
+                      tp_f32_to_bf16(f[first]));
+            CHECK(lens[k] == n || got[lens[k]] == 0xa5a5); /* nothing written past n */
+        }
+    }
+    tp_mm_force_isa(-1);
+    free(bits);
+    free(got);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--onednn-avx2")) return onednn_avx2_child();
+    check_to_bf16();
     /* the environment must not pick the path: each is forced below */
     if (getenv("TPTT_ISA")) printf("note: TPTT_ISA=%s caps the paths tested\n", getenv("TPTT_ISA"));
     check_bf16_fallback();

@@ -68,6 +68,10 @@ int tp_mm_dyw(tp_matmul *mm, const float *dy, int64_t n, const tp_weight *w, flo
 #define TP_MM_SMALL_N_F32 64
 #define TP_MM_SMALL_N_BF16 32
 
+/* dst[i] = tp_f32_to_bf16(src[i]) (the same bits), vectorised where the ISA
+ * in effect is AVX-512, OpenMP threads: the bf16 path's activation rounding. */
+void tp_mm_to_bf16(uint16_t *dst, const float *src, size_t n);
+
 /* Kernel ISA of the small-n path. */
 typedef enum tp_mm_isa { TP_ISA_SCALAR = 0, TP_ISA_AVX2 = 1, TP_ISA_AVX512 = 2 } tp_mm_isa;
 const char *tp_mm_isa_name(tp_mm_isa isa); /* "scalar" / "avx2" / "avx512" */
