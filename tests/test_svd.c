@@ -25,6 +25,47 @@ void dgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, do
 
 static int fails = 0, rank = 0, world = 1;
 
+/* Fault injection: CMake links this test with -Wl,--wrap for pdgesvd_ and
+ * pdsyevr_, so the calls svd.c makes land here first. With fake_*_info set,
+ * the real routine runs and then reports that status, as ScaLAPACK does when
+ * the QR iteration or the eigensolver fails (no finite input provokes it). */
+static int fake_gesvd_info = 0, fake_syevr_info = 0;
+void __real_pdgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia,
+                     const int *ja, const int *desca, double *s, double *u, const int *iu, const int *ju,
+                     const int *descu, double *vt, const int *ivt, const int *jvt, const int *descvt, double *work,
+                     const int *lwork, int *info, size_t l1, size_t l2);
+void __wrap_pdgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia,
+                     const int *ja, const int *desca, double *s, double *u, const int *iu, const int *ju,
+                     const int *descu, double *vt, const int *ivt, const int *jvt, const int *descvt, double *work,
+                     const int *lwork, int *info, size_t l1, size_t l2);
+void __wrap_pdgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia,
+                     const int *ja, const int *desca, double *s, double *u, const int *iu, const int *ju,
+                     const int *descu, double *vt, const int *ivt, const int *jvt, const int *descvt, double *work,
+                     const int *lwork, int *info, size_t l1, size_t l2) {
+    __real_pdgesvd_(jobu, jobvt, m, n, a, ia, ja, desca, s, u, iu, ju, descu, vt, ivt, jvt, descvt, work, lwork, info,
+                    l1, l2);
+    if (*lwork != -1 && fake_gesvd_info) *info = fake_gesvd_info;
+}
+void __real_pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
+                     const int *ja, const int *desca, const double *vl, const double *vu, const int *il,
+                     const int *iu, int *m, int *nz, double *w, double *z, const int *iz, const int *jz,
+                     const int *descz, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
+                     size_t ljobz, size_t lrange, size_t luplo);
+void __wrap_pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
+                     const int *ja, const int *desca, const double *vl, const double *vu, const int *il,
+                     const int *iu, int *m, int *nz, double *w, double *z, const int *iz, const int *jz,
+                     const int *descz, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
+                     size_t ljobz, size_t lrange, size_t luplo);
+void __wrap_pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
+                     const int *ja, const int *desca, const double *vl, const double *vu, const int *il,
+                     const int *iu, int *m, int *nz, double *w, double *z, const int *iz, const int *jz,
+                     const int *descz, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
+                     size_t ljobz, size_t lrange, size_t luplo) {
+    __real_pdsyevr_(jobz, range, uplo, n, a, ia, ja, desca, vl, vu, il, iu, m, nz, w, z, iz, jz, descz, work, lwork,
+                    iwork, liwork, info, ljobz, lrange, luplo);
+    if (*lwork != -1 && fake_syevr_info) *info = fake_syevr_info;
+}
+
 #define CHECK(c, ...)                                                                                          \
     do {                                                                                                       \
         if (!(c)) {                                                                                            \
@@ -241,6 +282,42 @@ static int selfcheck(void) {
         free(A);
         free(B);
         free(res);
+        tp_la_destroy(la);
+    }
+    { /* ScaLAPACK's failure statuses become one clear, collective error naming the matrix */
+        tp_la *la;
+        tp_err err = {0};
+        if (tp_la_create(4, &la, &err)) {
+            fprintf(stderr, "create: %s\n", err.msg);
+            return 1;
+        }
+        int m = 40, n = 36;
+        double *a = malloc(sizeof(double) * m * n), *s = malloc(sizeof(double) * n);
+        float *A = malloc(sizeof(float) * 3 * n), *B = malloc(sizeof(float) * m * 3);
+        for (int i = 0; i < m * n; i++) a[i] = nrand();
+        tp_la_src src = {.data = a, .f64 = 1, .m = m, .n = n, .ld = n, .name = "model.layers.3.o_proj.weight"};
+        tp_la_svd_opts o = {.ncomp = 0, .niter = -1};
+        fake_gesvd_info = 5;
+        int rc = tp_la_svd(la, &src, &o, s, NULL, NULL, &err);
+        CHECK(rc == TP_EUNSUP && strstr(err.msg, "o_proj") && strstr(err.msg, "pdgesvd did not converge (5 "),
+              "non-converging pdgesvd: rc %d: %s", rc, err.msg);
+        fake_gesvd_info = n + 1;
+        rc = tp_la_svd(la, &src, &o, s, NULL, NULL, &err);
+        CHECK(rc == TP_EUNSUP && strstr(err.msg, "computed different singular values"), "info n+1: rc %d: %s", rc,
+              err.msg);
+        fake_gesvd_info = 0;
+        fake_syevr_info = 2; /* the Gram path (3 of 36 components) */
+        tp_pissa_opts po = {.r = 3, .scale = 1.0, .niter = -1};
+        rc = tp_pissa_init(la, &src, &po, A, B, NULL, NULL, &err);
+        CHECK(rc == TP_EUNSUP && strstr(err.msg, "o_proj") && strstr(err.msg, "pdsyevr found"),
+              "failing pdsyevr: rc %d: %s", rc, err.msg);
+        fake_syevr_info = 0;
+        rc = tp_pissa_init(la, &src, &po, A, B, NULL, NULL, &err);
+        CHECK(rc == TP_OK, "after the injected failures: %s", err.msg);
+        free(a);
+        free(s);
+        free(A);
+        free(B);
         tp_la_destroy(la);
     }
     return fails != 0;
