@@ -72,12 +72,15 @@ struct tp_decoder {
     void *ops_ctx;
 };
 
-/* Tokens per block of the LM head + cross-entropy: ~128 MB of fp32 logits,
- * enough rows for sgemm to run at full speed on a 128k vocabulary without
- * [N, V] logits existing at once. */
+/* Tokens per block of the LM head + cross-entropy, so [N, V] logits never
+ * exist at once: ~128 MB of fp32 logits, but at least 512 rows. Below that
+ * the head's products lose speed (bench_matmul, V = 128256, 2 threads:
+ * 261 rows ran x·Wᵀ at 486-551 and dY·W at 308-340 GFLOP/s, 512 rows at
+ * 593-640 and 458-481; 384, 640, 768 and 1024 rows were slower than 512),
+ * and 256 MB for a 128k vocabulary is small beside the step's memory. */
 static inline int64_t tp_head_block(int64_t V, int64_t N) {
     int64_t blk = ((int64_t)32 << 20) / V;
-    if (blk < 1) blk = 1;
+    if (blk < 512) blk = 512;
     return blk > N ? N : blk;
 }
 
