@@ -287,6 +287,14 @@ if kit.succeeds(p, "mmlu --max-items 1"):
     r = report(p)
     kit.eq((r["items"], {k: v["n"] for k, v in r["by_subject"].items()}), (2, {"astronomy": 1, "law": 1}),
            "--max-items 1: one item per subject")
+if os.path.exists("/dev/full"):  # --items-out on a full disk: the system's reason, exit 1, no report
+    p = run(["eval", "mmlu", "--model", llama, "--data", mm, "--shots", 0, "--items-out", "/dev/full"],
+            "mmlu --items-out on a full disk")
+    check(p.returncode == 1 and "/dev/full: write failed: No space left on device" in p.stderr
+          and not p.stdout.strip(), "--items-out on a full disk: one clear error, exit 1",
+          "exit %d: %s | %s" % (p.returncode, p.stderr[-400:], p.stdout[-200:]))
+else:
+    print("SKIP --items-out on a full disk: no /dev/full")
 p = run(["eval", "mmlu", "--model", llama, "--data", mm, "--shots", 0, "--subjects", "law"], "mmlu --subjects")
 if kit.succeeds(p, "mmlu --subjects law"):
     kit.eq(list(report(p)["by_subject"]), ["law"], "--subjects keeps only those subjects")

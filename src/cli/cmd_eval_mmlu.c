@@ -5,6 +5,7 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,12 +309,12 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
         for (int r = 0; cur && r < d.world; r++) { cur[r] = all + off; off += lens[r]; }
         FILE *io = NULL;
         if (rc == TP_OK && items_out && !(io = fopen(items_out, "w")))
-            rc = tp_fail(&err, TP_EIO, "%s: cannot write (--items-out)", items_out);
+            rc = tp_fail_sys(&err, TP_EIO, errno, "%s: cannot write (--items-out)", items_out);
         for (size_t j = 0; rc == TP_OK && j < nsel; j++) {
             const char *s = cur[j % d.world], *nl = strchr(s, '\n');
             cur[j % d.world] = nl + 1;
             if (io && fwrite(s, 1, (size_t)(nl - s) + 1, io) != (size_t)(nl - s) + 1)
-                rc = tp_fail(&err, TP_EIO, "%s: write failed (disk full?)", items_out);
+                rc = tp_fail_sys(&err, TP_EIO, errno, "%s: write failed", items_out);
             json_error_t je;
             json_t *line = json_loadb(s, (size_t)(nl - s), 0, &je);
             const char *sn = json_string_value(json_object_get(line, "subject"));
@@ -327,7 +328,7 @@ int tp_cmd_eval_mmlu(int argc, char **argv) {
             }
             json_decref(line);
         }
-        if (io && fclose(io) != 0 && rc == TP_OK) rc = tp_fail(&err, TP_EIO, "%s: write failed", items_out);
+        if (io && fclose(io) != 0 && rc == TP_OK) rc = tp_fail_sys(&err, TP_EIO, errno, "%s: write failed", items_out);
         if (rc == TP_OK) {
             json_t *rep = json_object(), *bys = NULL, *bbys = NULL;
             json_object_set_new(rep, "mode", json_string("mmlu"));
