@@ -427,9 +427,9 @@ static double flop_per_token(const run *R) {
     return f;
 }
 
-/* Best time of a product over at least 2 runs and ~0.05 s (1 run when one
- * takes over 0.25 s), after a warm-up (primitive creation, first touch);
- * < 0 on failure. */
+/* Best time of a product over at least 3 timed runs and ~0.05 s (exactly 3
+ * when one takes over 0.25 s), after a warm-up (primitive creation, first
+ * touch); < 0 on failure. */
 static double best_product_s(tp_matmul *mm, int dyw, const float *x, int64_t n, const tp_weight *w, float *y) {
     tp_err e = {0};
     if ((dyw ? tp_mm_dyw(mm, x, n, w, y, 0, &e) : tp_mm_xwt(mm, x, n, w, y, 0, &e)) != TP_OK) return -1;
@@ -439,7 +439,6 @@ static double best_product_s(tp_matmul *mm, int dyw, const float *x, int64_t n, 
         if ((dyw ? tp_mm_dyw(mm, x, n, w, y, 0, &e) : tp_mm_xwt(mm, x, n, w, y, 0, &e)) != TP_OK) return -1;
         double dt = tp_tr_now() - a, t = tp_tr_now() - t0;
         if (best == 0 || dt < best) best = dt;
-        /* at least 3 timed calls, so the slowest products (the LM head: ~0.4 s) also keep a best of several */
         if (k >= 2 && (t >= 0.05 || best > 0.25)) break;
     }
     return best > 0 ? best : -1;
