@@ -30,37 +30,24 @@ static int fails = 0, rank = 0, world = 1;
  * the real routine runs and then reports that status, as ScaLAPACK does when
  * the QR iteration or the eigensolver fails (no finite input provokes it). */
 static int fake_gesvd_info = 0, fake_syevr_info = 0;
-void __real_pdgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia,
-                     const int *ja, const int *desca, double *s, double *u, const int *iu, const int *ju,
-                     const int *descu, double *vt, const int *ivt, const int *jvt, const int *descvt, double *work,
-                     const int *lwork, int *info, size_t l1, size_t l2);
-void __wrap_pdgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia,
-                     const int *ja, const int *desca, double *s, double *u, const int *iu, const int *ju,
-                     const int *descu, double *vt, const int *ivt, const int *jvt, const int *descvt, double *work,
-                     const int *lwork, int *info, size_t l1, size_t l2);
-void __wrap_pdgesvd_(const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia,
-                     const int *ja, const int *desca, double *s, double *u, const int *iu, const int *ju,
-                     const int *descu, double *vt, const int *ivt, const int *jvt, const int *descvt, double *work,
-                     const int *lwork, int *info, size_t l1, size_t l2) {
+#define PDGESVD_PARAMS                                                                                          \
+    const char *jobu, const char *jobvt, const int *m, const int *n, double *a, const int *ia, const int *ja,  \
+        const int *desca, double *s, double *u, const int *iu, const int *ju, const int *descu, double *vt,    \
+        const int *ivt, const int *jvt, const int *descvt, double *work, const int *lwork, int *info, size_t l1, \
+        size_t l2
+#define PDSYEVR_PARAMS                                                                                          \
+    const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,            \
+        const int *ja, const int *desca, const double *vl, const double *vu, const int *il, const int *iu,     \
+        int *m, int *nz, double *w, double *z, const int *iz, const int *jz, const int *descz, double *work,   \
+        const int *lwork, int *iwork, const int *liwork, int *info, size_t ljobz, size_t lrange, size_t luplo
+void __real_pdgesvd_(PDGESVD_PARAMS);
+void __real_pdsyevr_(PDSYEVR_PARAMS);
+void __wrap_pdgesvd_(PDGESVD_PARAMS) {
     __real_pdgesvd_(jobu, jobvt, m, n, a, ia, ja, desca, s, u, iu, ju, descu, vt, ivt, jvt, descvt, work, lwork, info,
                     l1, l2);
     if (*lwork != -1 && fake_gesvd_info) *info = fake_gesvd_info;
 }
-void __real_pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
-                     const int *ja, const int *desca, const double *vl, const double *vu, const int *il,
-                     const int *iu, int *m, int *nz, double *w, double *z, const int *iz, const int *jz,
-                     const int *descz, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
-                     size_t ljobz, size_t lrange, size_t luplo);
-void __wrap_pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
-                     const int *ja, const int *desca, const double *vl, const double *vu, const int *il,
-                     const int *iu, int *m, int *nz, double *w, double *z, const int *iz, const int *jz,
-                     const int *descz, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
-                     size_t ljobz, size_t lrange, size_t luplo);
-void __wrap_pdsyevr_(const char *jobz, const char *range, const char *uplo, const int *n, double *a, const int *ia,
-                     const int *ja, const int *desca, const double *vl, const double *vu, const int *il,
-                     const int *iu, int *m, int *nz, double *w, double *z, const int *iz, const int *jz,
-                     const int *descz, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
-                     size_t ljobz, size_t lrange, size_t luplo) {
+void __wrap_pdsyevr_(PDSYEVR_PARAMS) {
     __real_pdsyevr_(jobz, range, uplo, n, a, ia, ja, desca, vl, vu, il, iu, m, nz, w, z, iz, jz, descz, work, lwork,
                     iwork, liwork, info, ljobz, lrange, luplo);
     if (*lwork != -1 && fake_syevr_info) *info = fake_syevr_info;

@@ -2,10 +2,10 @@
  * a Titan, HELM's generative EM/PEM/QEM/PQEM (the paper's metrics) and the
  * lm-evaluation-harness log-likelihood accuracy from one pass; optionally
  * the base model on the same items (--compare). docs/eval.md. */
+#include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
