@@ -103,7 +103,7 @@ static const keydef keys[NKEYS] = {
     KS(KEY_MODEL_PATH, S_MODEL, "model.path", 1),
     KS(KEY_MODEL_HUB_ID, S_MODEL, "model.hub_id", 0),
     KS(KEY_RUN_DIR, S_RUN, "run.dir", 1),
-    KI(KEY_SEED, S_TOP, "seed", 0, 0x7fffffffffffffffLL),
+    KI(KEY_SEED, S_TOP, "seed", 0, 9007199254740992LL), /* 2^53: trainer_state.json holds it as a JSON number */
     KE(KEY_TRAINABLE, S_TOP, "trainable", tp_cfg_ch_trainable),
     KI(KEY_LORA_R, S_LORA, "lora.r", 1, 65536),
     KN(KEY_LORA_ALPHA, S_LORA, "lora.alpha", 0, 1, INFINITY, 0),

@@ -60,14 +60,14 @@ static int int_field(const char *file, const cJSON *obj, const char *prefix, con
                        key, lo, hi);
     }
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble != floor(v->valuedouble) ||
-        v->valuedouble < lo || v->valuedouble > hi) {
+        v->valuedouble < lo || v->valuedouble > hi || fabs(v->valuedouble) >= 9223372036854775808.0) {
         char *t = cJSON_PrintUnformatted(v);
         int rc = tp_fail(err, TP_EFORMAT, "%s: field \"%s%s\" is %.60s, expected an integer in [%.0f, %.0f]", file,
                          prefix, key, t ? t : "?", lo, hi);
         free(t);
         return rc;
     }
-    *out = (int64_t)v->valuedouble;
+    *out = (int64_t)v->valuedouble; /* |v| < 2^63: exact */
     return TP_OK;
 }
 
@@ -140,7 +140,7 @@ int tp_train_state_check(const char *text, const tp_state_expect *x, tp_state_in
             {"seed", (int64_t)x->seed, "seed of this run"},
         };
         for (size_t i = 0; i < sizeof f / sizeof *f && rc == TP_OK; i++) {
-            rc = int_field(file, cur, "data_cursor.", f[i].key, 0, MAX_COUNT * 2048.0, 1, &v, err);
+            rc = int_field(file, cur, "data_cursor.", f[i].key, 0, MAX_COUNT, 1, &v, err);
             if (rc == TP_OK && v != f[i].want)
                 rc = tp_fail(err, TP_EFORMAT, "%s: field \"data_cursor.%s\" is %lld, expected %lld (%s)", file, f[i].key,
                              (long long)v, (long long)f[i].want, f[i].what);
@@ -167,7 +167,7 @@ int tp_train_state_check(const char *text, const tp_state_expect *x, tp_state_in
     for (const cJSON *e = rng ? rng->child : NULL; rc == TP_OK && e; e = e->next) {
         int64_t sd, st;
         if (!cJSON_IsObject(e)) rc = tp_fail(err, TP_EFORMAT, "%s: field \"rng\" entries must be objects", file);
-        else if ((rc = int_field(file, e, "rng[].", "seed", 0, 1.8446744073709552e19, 1, &sd, err)) == TP_OK &&
+        else if ((rc = int_field(file, e, "rng[].", "seed", 0, MAX_COUNT, 1, &sd, err)) == TP_OK &&
                  (rc = int_field(file, e, "rng[].", "step", 0, MAX_COUNT, 1, &st, err)) == TP_OK &&
                  (sd != (int64_t)x->seed || st != *step))
             rc = tp_fail(err, TP_EFORMAT, "%s: field \"rng[].seed/step\" is %lld/%lld, expected %lld/%lld", file,
