@@ -423,6 +423,8 @@ def test_lost_checkpoints(E):
     write_lock("some-other-host", 4242, "778")
     p = train(cfg, env={"SLURM_JOB_ID": "778"})
     handled(p.returncode == 0, "lock of the same SLURM job (requeue) is taken over", err_text(p)[-600:])
+    write_lock(host, 1e30)
+    bad_input(train(cfg), "lock with a pid past any integer", ["LOCK", "pid"])
     with open(lock, "w") as f:
         f.write("garbage")
     bad_input(train(cfg), "unreadable lock file", ["LOCK"])

@@ -2,6 +2,7 @@
  * numerical checks (contract: docs/dump.md). */
 #include <cjson/cJSON.h>
 #include <getopt.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,7 +296,7 @@ static int load_batch(const char *path, batch_data *d, tp_err *err) {
         d->nstarts[r] = ns;
         for (size_t i = 0; ds && i < ns; i++) {
             const cJSON *x = cJSON_GetArrayItem(ds, (int)i);
-            if (!cJSON_IsNumber(x) || x->valuedouble != (double)(int64_t)x->valuedouble) {
+            if (!cJSON_IsNumber(x) || !(fabs(x->valuedouble) < 9.0e18) || x->valuedouble != floor(x->valuedouble)) {
                 rc = tp_fail(err, TP_EFORMAT, "%s: \"doc_starts\"[%lld][%zu] is not an integer", path, (long long)r, i);
                 break;
             }

@@ -561,7 +561,7 @@ static uint64_t cache_key(const tp_textspec *sp, const src *s) {
 
 static uint64_t j_u64(const cJSON *o, const char *name) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-    return cJSON_IsNumber(v) && v->valuedouble >= 0 ? (uint64_t)v->valuedouble : UINT64_MAX;
+    return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 1.8e19 ? (uint64_t)v->valuedouble : UINT64_MAX;
 }
 
 /* The cached shard is usable: the sidecar names this key, its counts match
