@@ -137,7 +137,7 @@ def cat(dso, sym):
     if re.search(r"openblas|dnnl|JIT|unknown|anon|perf-[0-9]+[.]map", dso) or re.search(r"sgemm|dnnl|jit", sym):
         return cats[0]
     # weights to fp32 for sgemm; activations to bf16 for oneDNN (the loop in bf16_matmul)
-    if re.search(r"weight_f32|tp_to_f32|tp_from_f32|f16_to_f32|f32_to_f16|bf16_to|to_bf16|bf16_matmul[.]_omp", sym):
+    if re.search(r"weight_f32|widen_bf16|tp_to_f32|tp_from_f32|f16_to_f32|f32_to_f16|bf16_to|to_bf16|bf16_matmul[.]_omp", sym):
         return cats[1]
     if re.search(r"liza|chunk_fwd|expand_(f32|f64|bwd)|phi_f|row_bases|ws_alloc|feature_(fwd|bwd)|gate_vec|build_f", sym):
         return cats[2]
