@@ -6,7 +6,8 @@
  *
  * Backends (config compute.matmul):
  *   TP_MM_F32  OpenBLAS sgemm. A bf16/f16 weight is first converted into an
- *              fp32 scratch matrix (one matrix at a time, never the model).
+ *              fp32 scratch matrix (one matrix at a time, never the model;
+ *              bf16 past 16 MB of fp32 with non-temporal stores, in parallel).
  *   TP_MM_BF16 oneDNN matmul for BF16 weights: the weight bytes are used in
  *              place, activations are rounded to bf16, accumulation and output
  *              are fp32. Weights of other dtypes fall back to the f32 path.
