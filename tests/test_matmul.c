@@ -270,8 +270,9 @@ static void check_to_bf16(void) {
 }
 
 /* The f32 backend's weight conversion, on a bf16 weight past the 16 MB above
- * which it streams (AVX2/AVX-512): the product is bit for bit tp_sgemm of the
- * weight converted with tp_bf16_to_f32, in both directions. Odd shape: a
+ * which it streams (AVX2/AVX-512): dY·W is bit for bit tp_sgemm of the weight
+ * converted with tp_bf16_to_f32 (x·Wᵀ widens through the same weight_f32,
+ * and n <= 64 would take the small-n kernel instead). Odd shape: a
  * remainder after the last 8 lanes, signed subnormals among the weights. */
 static void check_large_convert(const char *what) {
     const int64_t rows = 2053, cols = 2047, n = 3, sz = rows * cols;

@@ -168,11 +168,12 @@ static int save(run *R, double lr, tp_err *err) {
 
 /* ---- the run lock and the start-up probe (rank 0) ------------------------- */
 
+/* j: a lock whose "pid" the caller checked to be an integer in [1, 4194304] */
 static void lock_describe(const cJSON *j, char *buf, size_t n) {
     const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "host"), *p = cJSON_GetObjectItemCaseSensitive(j, "pid"),
                 *job = cJSON_GetObjectItemCaseSensitive(j, "slurm_job_id"),
                 *t = cJSON_GetObjectItemCaseSensitive(j, "started");
-    snprintf(buf, n, "pid %lld on host %s%s%s, started %s", cJSON_IsNumber(p) && fabs(p->valuedouble) < 1e18 ? (long long)p->valuedouble : -1LL,
+    snprintf(buf, n, "pid %lld on host %s%s%s, started %s", cJSON_IsNumber(p) ? (long long)p->valuedouble : -1LL,
              cJSON_IsString(h) ? h->valuestring : "?",
              cJSON_IsString(job) && job->valuestring[0] ? ", SLURM job " : "",
              cJSON_IsString(job) ? job->valuestring : "", cJSON_IsString(t) ? t->valuestring : "?");
