@@ -1,7 +1,11 @@
 """Crash safety: kill a training run with SIGKILL at random moments (steps,
 checkpoint writes, start-up), resume with --resume auto until it finishes,
 and require every time that a valid checkpoint is found and that the final
-adapter equals an uninterrupted run's byte for byte. >= 20 trials."""
+adapter equals an uninterrupted run's byte for byte. >= 20 trials.
+Then, deterministically, the run lock: strace kills the run at the first
+openat/write/fsync/link/unlink that touches run.dir/LOCK (the random trials
+found a kill between creating LOCK and writing it, which left an empty lock
+that refused every resume)."""
 import os
 import random
 import shutil
@@ -77,9 +81,40 @@ def main():
                       f"trial {trial}: final adapter or losses differ from the uninterrupted run")
             shutil.rmtree(run, ignore_errors=True)
         print(f"{TRIALS} trials, {kills} SIGKILLs, {resumes} resumes; reference run {dur:.2f} s")
+        lock_kill_windows(kit, tmp, model, data, over, ref)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return kit.report()
+
+
+def lock_kill_windows(kit, tmp, model, data, over, ref):
+    strace = shutil.which("strace")
+    if not strace:
+        print("SKIP: lock kill windows: strace is not installed (tools/install-deps installs it)")
+        return
+    for sc in ("openat", "write", "fsync", "link", "unlink"):
+        run = os.path.join(tmp, "lock-" + sc)
+        cfg = run + ".yaml"
+        tu.write_config(cfg, model, data, run, **over)
+        os.makedirs(run)
+        e = dict(os.environ)
+        e.update(tu.MPI_ENV)
+        # LeakSanitizer cannot ptrace a process strace already traces
+        e["ASAN_OPTIONS"] = e.get("ASAN_OPTIONS", "") + ":detect_leaks=0"
+        lock = os.path.join(run, "LOCK")
+        p = subprocess.run([strace, "-f", "-qq", "-o", os.devnull, "-P", lock, "-e", "trace=" + sc, "-e",
+                            "inject=%s:signal=SIGKILL:when=1" % sc, tu.TPTT, "train", cfg, "--resume", "auto"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=e, timeout=300)
+        killed = p.returncode in (-9, 137)
+        e = dict(os.environ)
+        e.update(tu.MPI_ENV)
+        q = subprocess.run([tu.TPTT, "train", cfg, "--resume", "auto"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=e, timeout=300)
+        left = [n for n in os.listdir(run) if "LOCK" in n]
+        kit.check(q.returncode == 0 and tu.adapter_bytes(run) == ref and not left,
+                  "killed at the first %s on run.dir/LOCK (%s): the next run finishes with the reference adapter "
+                  "and leaves no lock file" % (sc, "killed" if killed else "exit %d" % p.returncode),
+                  "exit %d, left %s: %s" % (q.returncode, left, q.stderr[-800:]))
 
 
 if __name__ == "__main__":

@@ -179,6 +179,79 @@ static void lock_describe(const cJSON *j, char *buf, size_t n) {
              cJSON_IsString(job) ? job->valuestring : "", cJSON_IsString(t) ? t->valuestring : "?");
 }
 
+/* Temporary name of a lock being written: run.dir/.LOCK.<pid>.<host>. */
+static void lock_temp_name(char *buf, size_t n, const char *rd, long pid, const char *host) {
+    snprintf(buf, n, "%s/.LOCK.%ld.%s", rd, pid, host);
+}
+
+/* Create lock_path holding text, or find it taken. The text is written and
+ * synced under a private name first and then hard-linked to LOCK, which fails
+ * if LOCK exists: a process killed at any moment leaves either no LOCK or a
+ * complete one (an empty LOCK from a kill between open and write would block
+ * every resume). Filesystems without hard links fall back to an exclusive
+ * create. Returns 1 (created), 0 (LOCK exists), -1 (error in err). */
+static int make_lock(const char *lock_path, const char *text, size_t tl, tp_err *err) {
+    char rd[TP_PATH_MAX + 32], host[256] = "", tmp[TP_PATH_MAX + 320];
+    snprintf(rd, sizeof rd, "%s", lock_path);
+    char *slash = strrchr(rd, '/');
+    if (slash) *slash = 0;
+    gethostname(host, sizeof host - 1);
+    lock_temp_name(tmp, sizeof tmp, rd, (long)getpid(), host);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int ok = fd >= 0 && write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
+    int e = errno;
+    if (fd >= 0) close(fd);
+    if (!ok) {
+        unlink(tmp);
+        tp_fail(err, TP_EIO, "%s: cannot write the run lock: %s (run.dir must be writable)", lock_path, strerror(e));
+        return -1;
+    }
+    int linked = link(tmp, lock_path);
+    e = errno;
+    unlink(tmp);
+    if (linked == 0) return 1;
+    if (e == EEXIST) return 0;
+    if (e != EPERM && e != ENOTSUP && e != EOPNOTSUPP && e != EXDEV && e != EMLINK) {
+        tp_fail(err, TP_EIO, "%s: cannot create the run lock: %s (run.dir must be writable)", lock_path, strerror(e));
+        return -1;
+    }
+    fd = open(lock_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        if (errno == EEXIST) return 0;
+        tp_fail(err, TP_EIO, "%s: cannot create the run lock: %s (run.dir must be writable)", lock_path,
+                strerror(errno));
+        return -1;
+    }
+    ok = write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
+    e = errno;
+    close(fd);
+    if (!ok) {
+        unlink(lock_path);
+        tp_fail(err, TP_EIO, "%s: cannot write the run lock: %s (run.dir must be writable)", lock_path, strerror(e));
+        return -1;
+    }
+    return 1;
+}
+
+/* Remove lock temporaries left by processes of this host killed while
+ * writing one (held: we hold LOCK, so no live run of ours is creating one). */
+static void sweep_lock_temps(const char *rd, const char *host) {
+    DIR *d = opendir(rd);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char *end = NULL;
+        if (strncmp(de->d_name, ".LOCK.", 6)) continue;
+        long pid = strtol(de->d_name + 6, &end, 10);
+        if (end == de->d_name + 6 || *end != '.' || strcmp(end + 1, host) || pid < 1 || pid > 4194304) continue;
+        if (pid != (long)getpid() && !(kill((pid_t)pid, 0) != 0 && errno == ESRCH)) continue;
+        char path[TP_PATH_MAX + 320];
+        lock_temp_name(path, sizeof path, rd, pid, host);
+        unlink(path);
+    }
+    closedir(d);
+}
+
 /* run.dir/LOCK: created exclusively; holds {"host","pid","slurm_job_id",
  * "started"}. A lock whose process is gone (same host, no such pid) or that
  * belongs to this very SLURM job (a requeue) is taken over. */
@@ -205,24 +278,15 @@ static int take_lock(run *R, tp_err *err) {
     snprintf(R->lock_path, sizeof R->lock_path, "%s/LOCK", rd);
     int rc = TP_EIO;
     for (int attempt = 0; attempt < 5; attempt++) {
-        int fd = open(R->lock_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd >= 0) {
-            int ok = write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
-            int e = errno;
-            close(fd);
-            if (!ok) {
-                unlink(R->lock_path);
-                rc = tp_fail(err, TP_EIO, "%s: cannot write the run lock: %s (run.dir must be writable)", R->lock_path,
-                             strerror(e));
-                break;
-            }
-            R->lock_text = text;
-            return TP_OK;
-        }
-        if (errno != EEXIST) {
-            rc = tp_fail(err, TP_EIO, "%s: cannot create the run lock: %s (run.dir must be writable)", R->lock_path,
-                         strerror(errno));
+        int made = make_lock(R->lock_path, text, tl, err);
+        if (made < 0) {
+            rc = err->code;
             break;
+        }
+        if (made) {
+            R->lock_text = text;
+            sweep_lock_temps(rd, host);
+            return TP_OK;
         }
         char *held = NULL;
         tp_err e2 = {0};
