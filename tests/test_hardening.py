@@ -694,7 +694,11 @@ def test_dump_positions(E):
              ["b.json", "token id 999", "row 1", "position 2"]),
             ("dump: negative id", {"input_ids": [[-3, 2, 3, 4]]}, ["token id -3", "row 0", "position 0"]),
             ("dump: label out of vocabulary", {"input_ids": [[1, 2, 3, 4]], "labels": [[1, 2, 3, 999]]},
-             ["label 999", "position 3"])):
+             ["label 999", "position 3"]),
+            # numbers past int32 / int64: refused before any conversion (UBSan would report one)
+            ("dump: id past int32", {"input_ids": [[1, 2, 1e10, 4]]}, ["b.json", "input_ids", "[0][2]", "32-bit"]),
+            ("dump: doc_starts past int64", {"input_ids": [[1, 2, 3, 4]], "doc_starts": [[0, 1e30]]},
+             ["b.json", "doc_starts", "[0][1]", "integer"])):
         b = os.path.join(E.tmp, "b.json")
         with open(b, "w") as f:
             json.dump(batch, f)

@@ -25,6 +25,7 @@
 #include "linalg/svd.h"
 #include "train/checkpoint.h"
 #include "util/fsutil.h"
+#include "util/jsonint.h"
 
 static void usage(FILE *fp) {
     fprintf(fp,
@@ -116,7 +117,8 @@ static int load_adapter(const char *path, adapter *a, tp_err *err) {
                 *pt = cJSON_GetObjectItemCaseSensitive(a->cfg, "peft_type");
     if (pt && !(cJSON_IsString(pt) && !strcmp(pt->valuestring, "LORA")))
         return tp_fail(err, TP_EUNSUP, "%s: field \"peft_type\": expected \"LORA\"", cpath);
-    if (!cJSON_IsNumber(r) || r->valuedouble != floor(r->valuedouble) || r->valuedouble < 1 || r->valuedouble > 65536)
+    int64_t rank = 0;
+    if (!tp_json_int(r, 1, 65536, &rank))
         return tp_fail(err, TP_EFORMAT, "%s: field \"r\": expected a positive integer", cpath);
     if (!cJSON_IsNumber(al) || !isfinite(al->valuedouble) || al->valuedouble == 0)
         return tp_fail(err, TP_EFORMAT, "%s: field \"lora_alpha\": expected a non-zero number", cpath);
@@ -126,7 +128,7 @@ static int load_adapter(const char *path, adapter *a, tp_err *err) {
         if (p && !cJSON_IsNull(p) && !(cJSON_IsObject(p) && !p->child))
             return tp_fail(err, TP_EUNSUP, "%s: field \"%s\": per-module ranks/alphas are not supported", cpath, key);
     }
-    a->r = (int)r->valuedouble;
+    a->r = (int)rank;
     a->alpha = al->valuedouble;
     a->rslora = cJSON_IsTrue(rs);
     a->scale = a->rslora ? a->alpha / sqrt(a->r) : a->alpha / a->r;

@@ -15,6 +15,7 @@
 #include "model/decoder.h"
 #include "model/run_json.h"
 #include "util/fsutil.h"
+#include "util/jsonint.h"
 #include "util/platform.h"
 
 static void usage(FILE *fp) {
@@ -230,7 +231,8 @@ static int int_rows(const char *path, const cJSON *j, const char *field, int64_t
         const cJSON *x;
         int64_t c = 0;
         cJSON_ArrayForEach(x, row) {
-            if (!cJSON_IsNumber(x) || x->valuedouble != (double)(int32_t)x->valuedouble)
+            int64_t xi;
+            if (!tp_json_int(x, INT32_MIN, INT32_MAX, &xi))
                 return tp_fail(err, TP_EFORMAT, "%s: \"%s\"[%lld][%lld] is not a 32-bit integer", path, field,
                                (long long)r, (long long)c);
             c++;
@@ -296,11 +298,10 @@ static int load_batch(const char *path, batch_data *d, tp_err *err) {
         d->nstarts[r] = ns;
         for (size_t i = 0; ds && i < ns; i++) {
             const cJSON *x = cJSON_GetArrayItem(ds, (int)i);
-            if (!cJSON_IsNumber(x) || !(fabs(x->valuedouble) < 9.0e18) || x->valuedouble != floor(x->valuedouble)) {
+            if (!tp_json_int(x, -(INT64_C(1) << 53), INT64_C(1) << 53, &d->starts[r][i])) {
                 rc = tp_fail(err, TP_EFORMAT, "%s: \"doc_starts\"[%lld][%zu] is not an integer", path, (long long)r, i);
                 break;
             }
-            d->starts[r][i] = (int64_t)x->valuedouble;
         }
         if (rc) break;
         if ((rc = tp_batch_row_positions(d->starts[r], ns, T, d->doc_start + r * T, d->pos + r * T, err))) {

@@ -21,6 +21,7 @@
 
 #include "data/dataset.h"
 #include "util/fsutil.h"
+#include "util/jsonint.h"
 
 #define TD_VERSION 2     /* part of the cache key: bump when the documents a source gives change */
 #define TD_KEEP 10       /* bad-record line (record) numbers kept for the report */
@@ -560,8 +561,8 @@ static uint64_t cache_key(const tp_textspec *sp, const src *s) {
 }
 
 static uint64_t j_u64(const cJSON *o, const char *name) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-    return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 1.8e19 ? (uint64_t)v->valuedouble : UINT64_MAX;
+    int64_t v;
+    return tp_json_int(cJSON_GetObjectItemCaseSensitive(o, name), 0, INT64_C(1) << 53, &v) ? (uint64_t)v : UINT64_MAX;
 }
 
 /* The cached shard is usable: the sidecar names this key, its counts match

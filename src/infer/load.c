@@ -12,6 +12,7 @@
 #include "kernels/liza_gates.h"
 #include "train/checkpoint.h"
 #include "util/fsutil.h"
+#include "util/jsonint.h"
 #include "util/platform.h"
 
 static int is_dir(const char *p) {
@@ -45,11 +46,9 @@ static int want_int(const char *path, const cJSON *obj, const char *name, int re
                     int64_t *out, tp_err *err) {
     const cJSON *x = field(obj, name);
     if (!x && !required) return TP_OK;
-    if (!cJSON_IsNumber(x) || x->valuedouble != floor(x->valuedouble) || !(x->valuedouble >= (double)lo) ||
-        !(x->valuedouble <= (double)hi))
+    if (!tp_json_int(x, lo, hi, out))
         return tp_fail(err, TP_EFORMAT, "%s: field \"%s\": expected an integer in [%lld, %lld]", path, name,
                        (long long)lo, (long long)hi);
-    *out = (int64_t)x->valuedouble;
     return TP_OK;
 }
 

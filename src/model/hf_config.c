@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util/jsonint.h"
+
 static const char *const arch_class[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"};
 static const char *const arch_type[] = {"llama", "mistral", "qwen2"};
 
@@ -55,9 +57,8 @@ static int get_token_id(const char *label, const cJSON *root, const char *key, i
     const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, key);
     if (j && cJSON_IsArray(j)) j = cJSON_GetArrayItem(j, 0);
     if (!j || cJSON_IsNull(j)) return TP_OK;
-    if (!cJSON_IsNumber(j) || j->valuedouble != floor(j->valuedouble) || fabs(j->valuedouble) > 9.0e15)
+    if (!tp_json_int(j, -(INT64_C(1) << 53), INT64_C(1) << 53, out))
         return tp_fail(err, TP_EFORMAT, "%s: field \"%s\" must be an integer or a list of integers", label, key);
-    *out = (int64_t)j->valuedouble;
     return TP_OK;
 }
 

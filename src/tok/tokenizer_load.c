@@ -10,6 +10,7 @@
 #include <xxhash.h>
 
 #include "tok/tokenizer_impl.h"
+#include "util/jsonint.h"
 
 #define TOKENIZER_JSON_LIMIT (1ull << 30)
 
@@ -261,14 +262,14 @@ static int load_decoder(loader *L, const cJSON *o, const char *where) {
     } else if (ty && !strcmp(ty, "Strip")) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(o, "content");
         const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, "start"), *b = cJSON_GetObjectItemCaseSensitive(o, "stop");
+        int64_t start = 0, stop = 0;
         if (!cJSON_IsString(c) || tp_tok_utf8_len((unsigned char)c->valuestring[0]) != strlen(c->valuestring) ||
-            !cJSON_IsNumber(a) || !cJSON_IsNumber(b) || a->valuedouble < 0 || b->valuedouble < 0 ||
-            a->valuedouble > 1e6 || b->valuedouble > 1e6)
+            !tp_json_int(a, 0, 1000000, &start) || !tp_json_int(b, 0, 1000000, &stop))
             return bad(L, where, "Strip: expected one-character \"content\" and non-negative \"start\", \"stop\"");
         s->kind = D_STRIP;
         if (!(s->a = dup_str(L, c->valuestring, &s->na))) return TP_ENOMEM;
-        s->start = (int)a->valuedouble;
-        s->stop = (int)b->valuedouble;
+        s->start = (int)start;
+        s->stop = (int)stop;
     } else if (ty && !strcmp(ty, "ByteLevel")) {
         s->kind = D_BYTELEVEL;
     } else if (ty && !strcmp(ty, "Metaspace")) {
@@ -327,9 +328,9 @@ static int load_model(loader *L, const cJSON *m) {
     int32_t maxid = -1;
     size_t nvocab = 0;
     for (const cJSON *e = vocab->child; e; e = e->next, nvocab++) {
-        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 2e9 || e->valuedouble != (int32_t)e->valuedouble)
-            return bad(L, "model.vocab", "expected non-negative integer ids");
-        if ((int32_t)e->valuedouble > maxid) maxid = (int32_t)e->valuedouble;
+        int64_t id;
+        if (!tp_json_int(e, 0, 2000000000, &id)) return bad(L, "model.vocab", "expected non-negative integer ids");
+        if ((int32_t)id > maxid) maxid = (int32_t)id;
     }
     /* tables are indexed by id: a sparse id far beyond the number of entries
      * would make every rank allocate for ids that do not exist */

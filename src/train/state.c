@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "train/config.h"
+#include "util/jsonint.h"
 
 /* Keys of resume_config that differ between a checkpoint and this run. */
 static int resume_mismatch(const char *ckpt_state, const char *now_json, char *msg, size_t n) {
@@ -59,15 +60,13 @@ static int int_field(const char *file, const cJSON *obj, const char *prefix, con
         return tp_fail(err, TP_EFORMAT, "%s: field \"%s%s\" missing, expected an integer in [%.0f, %.0f]", file, prefix,
                        key, lo, hi);
     }
-    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble != floor(v->valuedouble) ||
-        v->valuedouble < lo || v->valuedouble > hi || fabs(v->valuedouble) >= 9223372036854775808.0) {
+    if (!tp_json_int(v, (int64_t)lo, (int64_t)hi, out)) { /* the bounds are at most 2^53: exact */
         char *t = cJSON_PrintUnformatted(v);
         int rc = tp_fail(err, TP_EFORMAT, "%s: field \"%s%s\" is %.60s, expected an integer in [%.0f, %.0f]", file,
                          prefix, key, t ? t : "?", lo, hi);
         free(t);
         return rc;
     }
-    *out = (int64_t)v->valuedouble; /* |v| < 2^63: exact */
     return TP_OK;
 }
 

@@ -32,6 +32,7 @@
 #include "train/state.h"
 #include "train/trainer_impl.h"
 #include "util/fsutil.h"
+#include "util/jsonint.h"
 #include "util/platform.h"
 
 static volatile sig_atomic_t g_stop_signal = 0;
@@ -168,12 +169,11 @@ static int save(run *R, double lr, tp_err *err) {
 
 /* ---- the run lock and the start-up probe (rank 0) ------------------------- */
 
-/* j: a lock whose "pid" the caller checked to be an integer in [1, 4194304] */
-static void lock_describe(const cJSON *j, char *buf, size_t n) {
-    const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "host"), *p = cJSON_GetObjectItemCaseSensitive(j, "pid"),
-                *job = cJSON_GetObjectItemCaseSensitive(j, "slurm_job_id"),
+/* j: a lock whose "pid" the caller read */
+static void lock_describe(const cJSON *j, int64_t pid, char *buf, size_t n) {
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "host"), *job = cJSON_GetObjectItemCaseSensitive(j, "slurm_job_id"),
                 *t = cJSON_GetObjectItemCaseSensitive(j, "started");
-    snprintf(buf, n, "pid %lld on host %s%s%s, started %s", cJSON_IsNumber(p) ? (long long)p->valuedouble : -1LL,
+    snprintf(buf, n, "pid %lld on host %s%s%s, started %s", (long long)pid,
              cJSON_IsString(h) ? h->valuestring : "?",
              cJSON_IsString(job) && job->valuestring[0] ? ", SLURM job " : "",
              cJSON_IsString(job) ? job->valuestring : "", cJSON_IsString(t) ? t->valuestring : "?");
@@ -299,8 +299,8 @@ static int take_lock(run *R, tp_err *err) {
         free(held);
         const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "host"), *p = cJSON_GetObjectItemCaseSensitive(j, "pid"),
                     *jb = cJSON_GetObjectItemCaseSensitive(j, "slurm_job_id");
-        if (!cJSON_IsString(h) || !cJSON_IsNumber(p) || p->valuedouble < 1 || p->valuedouble > 4194304.0 ||
-            p->valuedouble != floor(p->valuedouble) || (jb && !cJSON_IsString(jb))) {
+        int64_t lock_pid = 0;
+        if (!cJSON_IsString(h) || !tp_json_int(p, 1, 4194304, &lock_pid) || (jb && !cJSON_IsString(jb))) {
             cJSON_Delete(j);
             rc = tp_fail(err, TP_EFORMAT,
                          "%s: run lock unreadable: expected a JSON object with string \"host\" and integer \"pid\"; "
@@ -308,12 +308,12 @@ static int take_lock(run *R, tp_err *err) {
                          R->lock_path, rd);
             break;
         }
-        pid_t pid = (pid_t)p->valuedouble;
+        pid_t pid = (pid_t)lock_pid;
         int same_host = !strcmp(h->valuestring, host);
         int stale = same_host && (pid == getpid() || (kill(pid, 0) != 0 && errno == ESRCH));
         int requeue = jb && jb->valuestring[0] && job[0] && !strcmp(jb->valuestring, job);
         char who[512];
-        lock_describe(j, who, sizeof who);
+        lock_describe(j, lock_pid, who, sizeof who);
         cJSON_Delete(j);
         if (!stale && !requeue) {
             rc = tp_fail(err, TP_EINVAL,
