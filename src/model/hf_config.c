@@ -29,10 +29,8 @@ static int get_int(const char *label, const cJSON *root, const char *key, int re
         if (required) return tp_fail(err, TP_EFORMAT, "%s: required field \"%s\" is missing", label, key);
         return TP_OK;
     }
-    double d = j->valuedouble;
-    if (!cJSON_IsNumber(j) || d != floor(d) || fabs(d) > 9.0e15)
+    if (!tp_json_int(j, -(INT64_C(1) << 53), INT64_C(1) << 53, out))
         return tp_fail(err, TP_EFORMAT, "%s: field \"%s\" must be an integer", label, key);
-    *out = (int64_t)d;
     return TP_OK;
 }
 
