@@ -136,6 +136,50 @@ int main(void) {
         free(lg);
         free(d);
     }
+    /* 4. tp_vexpf == expf bit for bit on every path the CPU has: every
+     * argument of the vector path (|x| < 88: 2.2e9 floats; a sample would
+     * not do: an r = x·32/ln2 - k without its fused multiply-add differs on
+     * 2 of them) and every 17th of the others (|x| >= 88, inf, NaN: expf
+     * itself), misaligned by one so that in-place blocks straddle vectors. */
+    {
+        enum { BLK = 1 << 16 };
+        int isas[3], nisa = 0;
+        for (int isa = TP_ISA_AVX512; isa > TP_ISA_SCALAR; isa--)
+            if ((int)tp_mm_force_isa(isa) == isa) isas[nisa++] = isa;
+        float *in = malloc(BLK * sizeof(float)), *want = malloc(BLK * sizeof(float)), *got = malloc((BLK + 1) * sizeof(float));
+        uint64_t diff[3] = {0}, first[3] = {0}, tried = 0;
+        for (uint64_t u = 0; u < (UINT64_C(1) << 32);) {
+            uint32_t m = 0;
+            for (; m < BLK && u < (UINT64_C(1) << 32); m++) {
+                union { uint32_t u; float f; } v = {(uint32_t)u};
+                in[m] = v.f;
+                want[m] = expf(v.f);
+                u += (v.u & 0x7fffffffu) < 0x42b00000u ? 1 : 17;
+            }
+            tried += m;
+            for (int k = 0; k < nisa; k++) {
+                tp_mm_force_isa(isas[k]);
+                memcpy(got + 1, in, m * sizeof(float));
+                tp_vexpf(got + 1, got + 1, m);
+                for (uint32_t j = 0; j < m; j++)
+                    if (memcmp(&got[j + 1], &want[j], sizeof(float)) && diff[k]++ == 0) memcpy(&first[k], &in[j], 4);
+            }
+        }
+        for (int k = 0; k < nisa; k++) {
+            union { uint32_t u; float f; } fx = {(uint32_t)first[k]};
+            CHECK_MSG(diff[k] == 0, "%s: tp_vexpf differs from expf on %llu of %llu arguments, first %a",
+                      tp_mm_isa_name((tp_mm_isa)isas[k]), (unsigned long long)diff[k], (unsigned long long)tried,
+                      (double)fx.f);
+        }
+        tp_mm_force_isa(TP_ISA_SCALAR);
+        float xs[5] = {-1.5f, 0.0f, NAN, -INFINITY, 100.0f};
+        tp_vexpf(xs, xs, 5);
+        CHECK(xs[0] == expf(-1.5f) && xs[1] == 1.0f && isnan(xs[2]) && xs[3] == 0.0f && isinf(xs[4]));
+        free(in);
+        free(want);
+        free(got);
+    }
+    tp_mm_force_isa(-1);
     free(x);
     free(ref);
     for (int k = 0; k < 3; k++) free(o[k]);

@@ -38,7 +38,8 @@ static void block_probs(const tp_attn_dims *s, const int32_t *ds, const float *q
         } else {
             l = lse_in[r];
         }
-        for (int64_t c = lo; c <= hi; c++) p[c] = expf(p[c] - l);
+        for (int64_t c = lo; c <= hi; c++) p[c] -= l;
+        tp_vexpf(p + lo, p + lo, hi - lo + 1); /* expf, bit for bit */
     }
 }
 

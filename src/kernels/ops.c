@@ -93,22 +93,42 @@ void tp_rope_apply(float *x, int64_t n, int64_t nh, int64_t d, const int32_t *po
     }
 }
 
+/* e[j] = expf(-g[j]), j < m (vectorised, bit for bit expf) */
+static void exp_neg(float *e, const float *g, int64_t m) {
+    for (int64_t j = 0; j < m; j++) e[j] = -g[j];
+    tp_vexpf(e, e, m);
+}
+
+#define EXP_BLK 512 /* elements per block of exponentials (on the stack) */
+
 void tp_swiglu_fwd(float *h, const float *g, const float *u, int64_t n) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float s = 1.0f / (1.0f + expf(-g[i]));
-        h[i] = g[i] * s * u[i];
+    for (int64_t i0 = 0; i0 < n; i0 += EXP_BLK) {
+        float e[EXP_BLK];
+        int64_t m = n - i0 < EXP_BLK ? n - i0 : EXP_BLK;
+        exp_neg(e, g + i0, m);
+        for (int64_t j = 0; j < m; j++) {
+            int64_t i = i0 + j;
+            float s = 1.0f / (1.0f + e[j]);
+            h[i] = g[i] * s * u[i];
+        }
     }
 }
 
 void tp_swiglu_bwd(float *dg, float *du, const float *dh, const float *g, const float *u, int64_t n) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float s = 1.0f / (1.0f + expf(-g[i]));
-        float silu = g[i] * s;
-        float d = dh[i];
-        du[i] = d * silu;
-        dg[i] = d * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+    for (int64_t i0 = 0; i0 < n; i0 += EXP_BLK) {
+        float e[EXP_BLK];
+        int64_t m = n - i0 < EXP_BLK ? n - i0 : EXP_BLK;
+        exp_neg(e, g + i0, m);
+        for (int64_t j = 0; j < m; j++) {
+            int64_t i = i0 + j;
+            float s = 1.0f / (1.0f + e[j]);
+            float silu = g[i] * s;
+            float d = dh[i];
+            du[i] = d * silu;
+            dg[i] = d * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+        }
     }
 }
 

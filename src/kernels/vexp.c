@@ -4,6 +4,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 
 #include "kernels/matmul.h"
 
@@ -148,6 +149,104 @@ TGT256 static void scale256(float *out, const float *x, int64_t n, double shift,
         _mm_storeu_ps(out + j, _mm_mul_ps(_mm256_cvtpd_ps(e), sc));
     }
     scale_scalar(out, x, j, n, shift, scale);
+}
+
+/* ---- expf, glibc's algorithm (sysdeps/ieee754/flt-32/e_expf.c) ---------- */
+
+/* 2^(i/32) as double bits, minus i << 47 (the caller adds k << 47) */
+static const uint64_t EXPF_TAB[32] = {
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51, 0x3fef72b83c7d517b,
+    0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1, 0x3fef06fe0a31b715, 0x3feef1a7373aa9cb,
+    0x3feedea64c123422, 0x3feece086061892d, 0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429,
+    0x3feea47eb03a5585, 0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d, 0x3feee89f995ad3ad,
+    0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f,
+    0x3fefa4afa2a490da, 0x3fefd0765b6e4540};
+#define EXPF_INVLN2N 0x1.71547652b82fep+5 /* 32/ln 2 */
+#define EXPF_SHIFT 0x1.8p+52
+#define EXPF_C0 0x1.c6af84b912394p-20 /* the cubic in r of 2^(r/32) - 1 */
+#define EXPF_C1 0x1.ebfce50fac4f3p-13
+#define EXPF_C2 0x1.62e42ff0c52d6p-6
+#define EXPF_TOP_FAST 0x42a /* top 12 bits of |x| up to here: no special case */
+
+TGT512 static __m256 expf8_512(__m256 xf) {
+    __m512d xd = _mm512_cvtps_pd(xf);
+    __m512d kds = _mm512_fmadd_pd(_mm512_set1_pd(EXPF_INVLN2N), xd, _mm512_set1_pd(EXPF_SHIFT));
+    __m512d kd = _mm512_sub_pd(kds, _mm512_set1_pd(EXPF_SHIFT));
+    __m512d r = _mm512_fmsub_pd(_mm512_set1_pd(EXPF_INVLN2N), xd, kd);
+    __m512i ki = _mm512_castpd_si512(kds);
+    __m512i t = _mm512_i64gather_epi64(_mm512_and_si512(ki, _mm512_set1_epi64(31)), (const void *)EXPF_TAB, 8);
+    __m512d s = _mm512_castsi512_pd(_mm512_add_epi64(t, _mm512_slli_epi64(ki, 47)));
+    __m512d z = _mm512_fmadd_pd(_mm512_set1_pd(EXPF_C0), r, _mm512_set1_pd(EXPF_C1));
+    __m512d r2 = _mm512_mul_pd(r, r);
+    __m512d y = _mm512_fmadd_pd(r, _mm512_set1_pd(EXPF_C2), _mm512_set1_pd(1.0));
+    y = _mm512_fmadd_pd(z, r2, y);
+    return _mm512_cvtpd_ps(_mm512_mul_pd(y, s));
+}
+
+TGT256 static __m128 expf4_256(__m128 xf) {
+    __m256d xd = _mm256_cvtps_pd(xf);
+    __m256d kds = _mm256_fmadd_pd(_mm256_set1_pd(EXPF_INVLN2N), xd, _mm256_set1_pd(EXPF_SHIFT));
+    __m256d kd = _mm256_sub_pd(kds, _mm256_set1_pd(EXPF_SHIFT));
+    __m256d r = _mm256_fmsub_pd(_mm256_set1_pd(EXPF_INVLN2N), xd, kd);
+    __m256i ki = _mm256_castpd_si256(kds);
+    __m256i t = _mm256_i64gather_epi64((const long long *)EXPF_TAB, _mm256_and_si256(ki, _mm256_set1_epi64x(31)), 8);
+    __m256d s = _mm256_castsi256_pd(_mm256_add_epi64(t, _mm256_slli_epi64(ki, 47)));
+    __m256d z = _mm256_fmadd_pd(_mm256_set1_pd(EXPF_C0), r, _mm256_set1_pd(EXPF_C1));
+    __m256d r2 = _mm256_mul_pd(r, r);
+    __m256d y = _mm256_fmadd_pd(r, _mm256_set1_pd(EXPF_C2), _mm256_set1_pd(1.0));
+    y = _mm256_fmadd_pd(z, r2, y);
+    return _mm256_cvtpd_ps(_mm256_mul_pd(y, s));
+}
+
+/* lanes whose |x| has top 12 bits past EXPF_TOP_FAST (|x| >= 88, inf, NaN) */
+static inline unsigned expf_special(const float *x, int64_t m) {
+    unsigned bad = 0;
+    for (int64_t l = 0; l < m; l++) {
+        union { float f; uint32_t u; } b = {x[l]};
+        bad |= (unsigned)(((b.u >> 20) & 0x7ff) > EXPF_TOP_FAST) << l;
+    }
+    return bad;
+}
+
+TGT512 static void vexpf512(float *out, const float *x, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 xf = _mm256_loadu_ps(x + j);
+        __m256i top = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(xf), 20), _mm256_set1_epi32(0x7ff));
+        unsigned bad = (unsigned)_mm256_movemask_ps(
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(EXPF_TOP_FAST))));
+        if (bad) {
+            float xs[8];
+            _mm256_storeu_ps(xs, xf);
+            _mm256_storeu_ps(out + j, expf8_512(xf));
+            for (int l = 0; l < 8; l++)
+                if (bad >> l & 1) out[j + l] = expf(xs[l]);
+        } else {
+            _mm256_storeu_ps(out + j, expf8_512(xf));
+        }
+    }
+    for (; j < n; j++) out[j] = expf(x[j]);
+}
+
+TGT256 static void vexpf256(float *out, const float *x, int64_t n) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        unsigned bad = expf_special(x + j, 4);
+        float xs[4] = {x[j], x[j + 1], x[j + 2], x[j + 3]};
+        _mm_storeu_ps(out + j, expf4_256(_mm_loadu_ps(xs)));
+        for (int l = 0; bad && l < 4; l++)
+            if (bad >> l & 1) out[j + l] = expf(xs[l]);
+    }
+    for (; j < n; j++) out[j] = expf(x[j]);
+}
+
+void tp_vexpf(float *out, const float *x, int64_t n) {
+    tp_mm_isa isa = tp_mm_isa_current();
+    if (isa == TP_ISA_AVX512) vexpf512(out, x, n);
+    else if (isa == TP_ISA_AVX2) vexpf256(out, x, n);
+    else
+        for (int64_t j = 0; j < n; j++) out[j] = expf(x[j]);
 }
 
 static double vsum(const float *x, int64_t n, double shift, int fdiff) {

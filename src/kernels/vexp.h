@@ -31,4 +31,15 @@ void tp_vexp_scale(float *out, const float *x, int64_t n, double shift, float sc
 /* the scalar exp above, for tests: exp(x) for x <= 0 */
 double tp_vexp1(double x);
 
+/* out[j] = expf(x[j]) bit for bit, out may be x. glibc's expf (2.28 on, FMA
+ * build: what it runs on every CPU with AVX2+FMA) evaluates in double: k =
+ * round(x·32/ln2), 2^(k/32) from a 32-entry table and the exponent bits, a
+ * cubic in the remainder, one rounding to float at the end. tp_vexpf runs
+ * those operations, in that order and with the same fused multiply-adds, 8
+ * (AVX-512) or 4 (AVX2) at a time; arguments glibc treats specially (|x| >=
+ * 88, inf, NaN) go to expf itself. So SwiGLU, the gates and the attention
+ * probabilities get a vector exp without a single rounding changing
+ * (tests/test_vexp.c compares it with expf over all float arguments). */
+void tp_vexpf(float *out, const float *x, int64_t n);
+
 #endif
