@@ -5,7 +5,8 @@ adapter equals an uninterrupted run's byte for byte. >= 20 trials.
 Then, deterministically, the run lock: strace kills the run at the first
 openat/write/fsync/link/unlink that touches run.dir/LOCK (the random trials
 found a kill between creating LOCK and writing it, which left an empty lock
-that refused every resume)."""
+that refused every resume), and a file system without hard links (link()
+failing with EPERM)."""
 import os
 import random
 import shutil
@@ -106,15 +107,26 @@ def lock_kill_windows(kit, tmp, model, data, over, ref):
                             "inject=%s:signal=SIGKILL:when=1" % sc, tu.TPTT, "train", cfg, "--resume", "auto"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=e, timeout=300)
         killed = p.returncode in (-9, 137)
-        e = dict(os.environ)
-        e.update(tu.MPI_ENV)
-        q = subprocess.run([tu.TPTT, "train", cfg, "--resume", "auto"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, env=e, timeout=300)
+        q = tu.train(cfg, ranks=0, extra=["--resume", "auto"])
         left = [n for n in os.listdir(run) if "LOCK" in n]
         kit.check(q.returncode == 0 and tu.adapter_bytes(run) == ref and not left,
                   "killed at the first %s on run.dir/LOCK (%s): the next run finishes with the reference adapter "
                   "and leaves no lock file" % (sc, "killed" if killed else "exit %d" % p.returncode),
                   "exit %d, left %s: %s" % (q.returncode, left, q.stderr[-800:]))
+    # a file system without hard links (link() fails with EPERM): the exclusive-create fallback
+    run = os.path.join(tmp, "lock-nolink")
+    cfg = run + ".yaml"
+    tu.write_config(cfg, model, data, run, **over)
+    e = dict(os.environ)
+    e.update(tu.MPI_ENV)
+    e["ASAN_OPTIONS"] = e.get("ASAN_OPTIONS", "") + ":detect_leaks=0"
+    p = subprocess.run([strace, "-f", "-qq", "-o", os.devnull, "-e", "trace=link", "-e", "inject=link:error=EPERM",
+                        tu.TPTT, "train", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=e,
+                       timeout=300)
+    left = [n for n in os.listdir(run) if "LOCK" in n] if os.path.isdir(run) else ["no run.dir"]
+    kit.check(p.returncode == 0 and tu.adapter_bytes(run) == ref and not left,
+              "link() refused (EPERM): the run takes LOCK by exclusive create and finishes with the reference adapter",
+              "exit %d, left %s: %s" % (p.returncode, left, p.stderr[-800:]))
 
 
 if __name__ == "__main__":

@@ -93,41 +93,37 @@ void tp_rope_apply(float *x, int64_t n, int64_t nh, int64_t d, const int32_t *po
     }
 }
 
-/* e[j] = expf(-g[j]), j < m (vectorised, bit for bit expf) */
-static void exp_neg(float *e, const float *g, int64_t m) {
-    for (int64_t j = 0; j < m; j++) e[j] = -g[j];
-    tp_vexpf(e, e, m);
-}
+#define EXP_BLK 512 /* elements per block of sigmoids (on the stack) */
 
-#define EXP_BLK 512 /* elements per block of exponentials (on the stack) */
+/* s[j] = 1 / (1 + expf(-g[j])), j < m (the exponentials vectorised, bit for
+ * bit expf) */
+static void sigmoid_blk(float *s, const float *g, int64_t m) {
+    for (int64_t j = 0; j < m; j++) s[j] = -g[j];
+    tp_vexpf(s, s, m);
+    for (int64_t j = 0; j < m; j++) s[j] = 1.0f / (1.0f + s[j]);
+}
 
 void tp_swiglu_fwd(float *h, const float *g, const float *u, int64_t n) {
 #pragma omp parallel for schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += EXP_BLK) {
-        float e[EXP_BLK];
+        float s[EXP_BLK];
         int64_t m = n - i0 < EXP_BLK ? n - i0 : EXP_BLK;
-        exp_neg(e, g + i0, m);
-        for (int64_t j = 0; j < m; j++) {
-            int64_t i = i0 + j;
-            float s = 1.0f / (1.0f + e[j]);
-            h[i] = g[i] * s * u[i];
-        }
+        sigmoid_blk(s, g + i0, m);
+        for (int64_t j = 0, i = i0; j < m; j++, i++) h[i] = g[i] * s[j] * u[i];
     }
 }
 
 void tp_swiglu_bwd(float *dg, float *du, const float *dh, const float *g, const float *u, int64_t n) {
 #pragma omp parallel for schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += EXP_BLK) {
-        float e[EXP_BLK];
+        float s[EXP_BLK];
         int64_t m = n - i0 < EXP_BLK ? n - i0 : EXP_BLK;
-        exp_neg(e, g + i0, m);
-        for (int64_t j = 0; j < m; j++) {
-            int64_t i = i0 + j;
-            float s = 1.0f / (1.0f + e[j]);
-            float silu = g[i] * s;
+        sigmoid_blk(s, g + i0, m);
+        for (int64_t j = 0, i = i0; j < m; j++, i++) {
+            float silu = g[i] * s[j];
             float d = dh[i];
             du[i] = d * silu;
-            dg[i] = d * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+            dg[i] = d * u[i] * (s[j] * (1.0f + g[i] * (1.0f - s[j])));
         }
     }
 }

@@ -199,16 +199,9 @@ TGT256 static __m128 expf4_256(__m128 xf) {
     return _mm256_cvtpd_ps(_mm256_mul_pd(y, s));
 }
 
-/* lanes whose |x| has top 12 bits past EXPF_TOP_FAST (|x| >= 88, inf, NaN) */
-static inline unsigned expf_special(const float *x, int64_t m) {
-    unsigned bad = 0;
-    for (int64_t l = 0; l < m; l++) {
-        union { float f; uint32_t u; } b = {x[l]};
-        bad |= (unsigned)(((b.u >> 20) & 0x7ff) > EXPF_TOP_FAST) << l;
-    }
-    return bad;
-}
-
+/* Both paths: the vector result for every lane, then expf itself for the
+ * lanes whose |x| has its top 12 bits past EXPF_TOP_FAST (|x| >= 88, inf,
+ * NaN); their arguments are kept first, since out may be x. */
 TGT512 static void vexpf512(float *out, const float *x, int64_t n) {
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
@@ -216,15 +209,11 @@ TGT512 static void vexpf512(float *out, const float *x, int64_t n) {
         __m256i top = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(xf), 20), _mm256_set1_epi32(0x7ff));
         unsigned bad = (unsigned)_mm256_movemask_ps(
             _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(EXPF_TOP_FAST))));
-        if (bad) {
-            float xs[8];
-            _mm256_storeu_ps(xs, xf);
-            _mm256_storeu_ps(out + j, expf8_512(xf));
-            for (int l = 0; l < 8; l++)
-                if (bad >> l & 1) out[j + l] = expf(xs[l]);
-        } else {
-            _mm256_storeu_ps(out + j, expf8_512(xf));
-        }
+        float xs[8];
+        if (bad) _mm256_storeu_ps(xs, xf);
+        _mm256_storeu_ps(out + j, expf8_512(xf));
+        for (int l = 0; bad && l < 8; l++)
+            if (bad >> l & 1) out[j + l] = expf(xs[l]);
     }
     for (; j < n; j++) out[j] = expf(x[j]);
 }
@@ -232,9 +221,12 @@ TGT512 static void vexpf512(float *out, const float *x, int64_t n) {
 TGT256 static void vexpf256(float *out, const float *x, int64_t n) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        unsigned bad = expf_special(x + j, 4);
-        float xs[4] = {x[j], x[j + 1], x[j + 2], x[j + 3]};
-        _mm_storeu_ps(out + j, expf4_256(_mm_loadu_ps(xs)));
+        __m128 xf = _mm_loadu_ps(x + j);
+        __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_castps_si128(xf), 20), _mm_set1_epi32(0x7ff));
+        unsigned bad = (unsigned)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(top, _mm_set1_epi32(EXPF_TOP_FAST))));
+        float xs[4];
+        if (bad) _mm_storeu_ps(xs, xf);
+        _mm_storeu_ps(out + j, expf4_256(xf));
         for (int l = 0; bad && l < 4; l++)
             if (bad >> l & 1) out[j + l] = expf(xs[l]);
     }

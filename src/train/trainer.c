@@ -184,53 +184,50 @@ static void lock_temp_name(char *buf, size_t n, const char *rd, long pid, const 
     snprintf(buf, n, "%s/.LOCK.%ld.%s", rd, pid, host);
 }
 
-/* Create lock_path holding text, or find it taken. The text is written and
- * synced under a private name first and then hard-linked to LOCK, which fails
- * if LOCK exists: a process killed at any moment leaves either no LOCK or a
- * complete one (an empty LOCK from a kill between open and write would block
- * every resume). Filesystems without hard links fall back to an exclusive
- * create. Returns 1 (created), 0 (LOCK exists), -1 (error in err). */
-static int make_lock(const char *lock_path, const char *text, size_t tl, tp_err *err) {
-    char rd[TP_PATH_MAX + 32], host[256] = "", tmp[TP_PATH_MAX + 320];
-    snprintf(rd, sizeof rd, "%s", lock_path);
-    char *slash = strrchr(rd, '/');
-    if (slash) *slash = 0;
-    gethostname(host, sizeof host - 1);
-    lock_temp_name(tmp, sizeof tmp, rd, (long)getpid(), host);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    int ok = fd >= 0 && write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
+/* Write text into a new file at path (excl: O_EXCL, else O_TRUNC) and sync
+ * it. 0, or -1 (not created) / -2 (not written: the file is removed) with
+ * errno set. */
+static int write_synced(const char *path, int excl, const char *text, size_t tl) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (excl ? O_EXCL : O_TRUNC), 0644);
+    if (fd < 0) return -1;
+    int ok = write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
     int e = errno;
-    if (fd >= 0) close(fd);
-    if (!ok) {
-        unlink(tmp);
-        tp_fail(err, TP_EIO, "%s: cannot write the run lock: %s (run.dir must be writable)", lock_path, strerror(e));
-        return -1;
-    }
-    int linked = link(tmp, lock_path);
-    e = errno;
+    close(fd);
+    if (ok) return 0;
+    unlink(path);
+    errno = e;
+    return -2;
+}
+
+/* how: write_synced's -1 (not created) or -2 (not written) */
+static int lock_fail(const char *lock_path, int how, int e, tp_err *err) {
+    tp_fail(err, TP_EIO, "%s: cannot %s the run lock: %s (run.dir must be writable)", lock_path,
+            how == -1 ? "create" : "write", strerror(e));
+    return -1;
+}
+
+/* Create lock_path (in run.dir rd) holding text, or find it taken. The text
+ * is written and synced under a private name first and then hard-linked to
+ * LOCK, which fails if LOCK exists: a process killed at any moment leaves
+ * either no LOCK or a complete one (an empty LOCK from a kill between open
+ * and write would block every resume). Filesystems without hard links fall
+ * back to an exclusive create. Returns 1 (created), 0 (LOCK exists), -1
+ * (error in err). */
+static int make_lock(const char *rd, const char *host, const char *lock_path, const char *text, size_t tl,
+                     tp_err *err) {
+    char tmp[TP_PATH_MAX + 320];
+    lock_temp_name(tmp, sizeof tmp, rd, (long)getpid(), host);
+    int w = write_synced(tmp, 0, text, tl);
+    if (w) return lock_fail(lock_path, w, errno, err);
+    int linked = link(tmp, lock_path), e = errno;
     unlink(tmp);
     if (linked == 0) return 1;
     if (e == EEXIST) return 0;
-    if (e != EPERM && e != ENOTSUP && e != EOPNOTSUPP && e != EXDEV && e != EMLINK) {
-        tp_fail(err, TP_EIO, "%s: cannot create the run lock: %s (run.dir must be writable)", lock_path, strerror(e));
-        return -1;
-    }
-    fd = open(lock_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        if (errno == EEXIST) return 0;
-        tp_fail(err, TP_EIO, "%s: cannot create the run lock: %s (run.dir must be writable)", lock_path,
-                strerror(errno));
-        return -1;
-    }
-    ok = write(fd, text, tl) == (ssize_t)tl && fsync(fd) == 0;
-    e = errno;
-    close(fd);
-    if (!ok) {
-        unlink(lock_path);
-        tp_fail(err, TP_EIO, "%s: cannot write the run lock: %s (run.dir must be writable)", lock_path, strerror(e));
-        return -1;
-    }
-    return 1;
+    if (e != EPERM && e != ENOTSUP && e != EOPNOTSUPP && e != EXDEV && e != EMLINK)
+        return lock_fail(lock_path, -1, e, err);
+    w = write_synced(lock_path, 1, text, tl);
+    if (w == -1 && errno == EEXIST) return 0;
+    return w ? lock_fail(lock_path, w, errno, err) : 1;
 }
 
 /* Remove lock temporaries left by processes of this host killed while
@@ -278,7 +275,7 @@ static int take_lock(run *R, tp_err *err) {
     snprintf(R->lock_path, sizeof R->lock_path, "%s/LOCK", rd);
     int rc = TP_EIO;
     for (int attempt = 0; attempt < 5; attempt++) {
-        int made = make_lock(R->lock_path, text, tl, err);
+        int made = make_lock(rd, host, R->lock_path, text, tl, err);
         if (made < 0) {
             rc = err->code;
             break;
