@@ -34,6 +34,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/liza.h"
+#include "kernels/matmul.h"
 #include <cblas.h>
 #include <omp.h>
 #include "util/platform.h"
@@ -328,6 +329,9 @@ int main(int argc, char **argv) {
     char plat[512];
     tp_platform_describe(plat, sizeof plat);
     printf("platform: %s\n", plat);
+    printf("LiZA fp32 products: %s\n", tp_mm_isa_current() == TP_ISA_AVX512
+                                           ? "own AVX-512 tile (sgemm_small.h), triangular solves OpenBLAS"
+                                           : "OpenBLAS sgemm and strsm");
     if (kernel) {
         kernel_table(have_tmax ? tmax : 4096, H, d, orders, norders, chunks, nchunks, reps > 0 ? reps : 3, decay);
         return 0;

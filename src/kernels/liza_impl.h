@@ -21,7 +21,10 @@
  * shape, and the two round differently: merging the GQA heads' rows into
  * one product raised the fp32 error of y and dq by up to 40% (RMS, vs the
  * double kernel), merging their sums over rows that of dv by 14%, and an
- * explicit inverse of I + L (instead of the solves) that of dv by 9%. */
+ * explicit inverse of I + L (instead of the solves) that of dv by 9%.
+ * GEMM is the caller's: fp32 products go through sgemm_small.h (its own
+ * AVX-512 tile; one summation order whatever the shape), double ones
+ * through dgemm; the triangular solves stay OpenBLAS's. */
 
 typedef struct SFX(ws) {
     int64_t cv, cr, d, g;
@@ -31,10 +34,12 @@ typedef struct SFX(ws) {
     REAL *Kb, *Vb, *Kt, *WU, *dWU, *Vn, *Lm, *M2, *E, *P, *dP, *QS, *dOG, *tmp, *dK, *dKt;
     REAL *Sn, *dS, *dSp, *dSin;
     REAL *gv, *gam, *Gam, *wexp, *dgam;
+    float *pack; /* the fp32 products' scratch (sgemm_small.h) */
 } SFX(ws);
 
 static void SFX(ws_free)(SFX(ws) *w) {
     free(w->Kb); /* one block */
+    free(w->pack);
     memset(w, 0, sizeof *w);
 }
 
@@ -43,8 +48,14 @@ static int SFX(ws_alloc)(SFX(ws) *w, int64_t cr, int64_t cv, int64_t d, int64_t 
     size_t n = (size_t)(3 * cv * d + 2 * cv * 2 * d + cv * d + 3 * cv * cv + 2 * cr * cv + 2 * cr * d + nt * d +
                         2 * cv * d + 4 * d * d + 5 * cv);
     REAL *p = malloc(n * sizeof(REAL));
-    if (!p) return -1;
+    float *pack = malloc(tp_sgemm_small_scratch() * sizeof(float));
     memset(w, 0, sizeof *w);
+    if (!p || !pack) {
+        free(p);
+        free(pack);
+        return -1;
+    }
+    w->pack = pack;
     w->cv = cv; w->cr = cr; w->d = d; w->g = g;
 #define TAKE(x, k) (w->x = p, p += (k))
     TAKE(Kb, cv * d); TAKE(Vb, cv * d); TAKE(Kt, cv * d); TAKE(WU, cv * 2 * d); TAKE(dWU, cv * 2 * d);
