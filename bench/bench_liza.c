@@ -7,8 +7,11 @@
  *   bench_liza [--heads 32] [--dim 128] [--order 1] [--chunk 64]
  *              [--tmin 256] [--tmax 32768] [--softmax-tmax 8192] [--reps 1]
  *              [--ref] [--kernel] [--chunks 32,64,128] [--orders 1,2]
- *              [--decay]
+ *              [--decay] [--avx2-tile]
  *
+ * --avx2-tile runs LiZA's fp32 products on sgemm_small's AVX2 6x16 tile
+ * (the ISA forced to AVX2) instead of OpenBLAS: the measurement behind
+ * keeping OpenBLAS on AVX2 CPUs.
  * --kernel measures the kernel alone at T = 4096 (--tmax), H = --heads,
  * d = --dim for each n_h of --orders and each C of --chunks: forward,
  * backward and fwd+bwd, best of --reps (default 3), each repetition
@@ -35,6 +38,7 @@
 #include "kernels/attention.h"
 #include "kernels/liza.h"
 #include "kernels/matmul.h"
+#include "kernels/sgemm_small.h"
 #include <cblas.h>
 #include <omp.h>
 #include "util/platform.h"
@@ -309,7 +313,7 @@ static double run_softmax(int64_t T, int64_t H, int64_t d, int reps, double *mem
 int main(int argc, char **argv) {
     tp_maybe_reexec_for_blas(argc, argv);
     int64_t H = 32, d = 128, tmin = 256, tmax = 32768, smax = 8192;
-    int order = 1, chunk = 64, ref = 0, kernel = 0, reps = 0, decay = 0, orders[8] = {1, 2}, norders = 2;
+    int order = 1, chunk = 64, ref = 0, kernel = 0, reps = 0, decay = 0, orders[8] = {1, 2}, norders = 2, avx2_tile = 0;
     int chunks[8] = {32, 64, 128}, nchunks = 3, have_tmax = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--ref")) ref = 1;
@@ -324,14 +328,21 @@ int main(int argc, char **argv) {
         else if (i + 1 < argc && !strcmp(argv[i], "--orders")) norders = parse_list(argv[++i], orders, 8);
         else if (!strcmp(argv[i], "--kernel")) kernel = 1;
         else if (!strcmp(argv[i], "--decay")) decay = 1;
+        else if (!strcmp(argv[i], "--avx2-tile")) {
+            avx2_tile = 1;
+            tp_mm_force_isa(TP_ISA_AVX2);
+            tp_sgemm_small_avx2_tile(1);
+        }
         else if (i + 1 < argc && !strcmp(argv[i], "--softmax-tmax")) smax = atoll(argv[++i]);
     }
     char plat[512];
     tp_platform_describe(plat, sizeof plat);
     printf("platform: %s\n", plat);
-    printf("LiZA fp32 products: %s\n", tp_mm_isa_current() == TP_ISA_AVX512
-                                           ? "own AVX-512 tile (sgemm_small.h), triangular solves OpenBLAS"
-                                           : "OpenBLAS sgemm and strsm");
+    tp_mm_isa isa = tp_mm_isa_current();
+    printf("LiZA fp32 products: %s\n",
+           isa == TP_ISA_AVX512 ? "own AVX-512 tile and register solves (sgemm_small.h)"
+           : isa == TP_ISA_AVX2 && avx2_tile ? "own AVX2 6x16 tile (sgemm_small.h), OpenBLAS strsm"
+                                             : "OpenBLAS sgemm and strsm");
     if (kernel) {
         kernel_table(have_tmax ? tmax : 4096, H, d, orders, norders, chunks, nchunks, reps > 0 ? reps : 3, decay);
         return 0;

@@ -168,9 +168,11 @@ TGT256 static void ker_6x16(int64_t kb, const float *a, int64_t rs, int64_t cs, 
 void tp_sgemm_small(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
                     const float *b, int64_t ldb, float beta, float *c, int64_t ldc, float *scratch) {
     if (m <= 0 || n <= 0) return;
-    /* AVX2: OpenBLAS's Haswell kernels were faster on these shapes (86-97
-     * GFLOP/s per core against 60-95 for the 6x16 tile, Zen 5, 1 thread), so
-     * the 6x16 kernel is used only where tests and benchmarks force it. */
+    /* AVX2: the 6x16 tile is on par with OpenBLAS's Haswell kernels on these
+     * shapes (Zen 5, 1 thread: 71-88 GFLOP/s against 68-87, except Aᵀ with
+     * rows 16 KB apart: 58 against 82; the LiZA kernel within 0-8%), not
+     * enough for a second rounding path on AVX2 CPUs, so it runs only where
+     * tests and benchmarks turn it on. */
     tp_mm_isa isa = tp_mm_isa_current();
     if (isa == TP_ISA_AVX2 && !g_avx2_tile) isa = TP_ISA_SCALAR;
     if (isa == TP_ISA_SCALAR || k <= 0) {

@@ -20,9 +20,9 @@
  *
  * ISA: tp_mm_isa_current() (TPTT_ISA, tp_mm_force_isa choose a lower path).
  * AVX-512: the 8x32 register tile and the register solves; otherwise
- * cblas_sgemm / cblas_strsm (an AVX2+FMA 6x16 tile exists, but OpenBLAS's
- * Haswell kernels were faster on these shapes, so only tests and benchmarks
- * turn it on). */
+ * cblas_sgemm / cblas_strsm (an AVX2+FMA 6x16 tile exists, but it is only
+ * on par with OpenBLAS's Haswell kernels on these shapes, so only tests and
+ * benchmarks turn it on: bench_liza --avx2-tile). */
 #ifndef TPTT_KERNELS_SGEMM_SMALL_H
 #define TPTT_KERNELS_SGEMM_SMALL_H
 
