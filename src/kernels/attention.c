@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kernels/matmul.h"
+#include "kernels/sgemm_small.h"
 #include "kernels/vexp.h"
 
 #define BQ 64 /* query rows per block */
@@ -16,14 +17,15 @@ static inline int64_t lower_bound(const tp_attn_dims *s, const int32_t *ds, int6
 }
 
 /* Probabilities of the query block [i0, i1) against keys [kmin, i1) into P
- * (bq x kn); scores via sgemm. When lse_out, computes and stores lse;
+ * (bq x kn); scores by one product (sgemm_small.h: each thread runs its own
+ * blocks, pack is its scratch). When lse_out, computes and stores lse;
  * otherwise uses lse_in. */
 static void block_probs(const tp_attn_dims *s, const int32_t *ds, const float *qb, int64_t ldq, const float *kb,
                         int64_t ldk, int64_t i0, int64_t i1, int64_t kmin, float *P, float *lse_out,
-                        const float *lse_in) {
+                        const float *lse_in, float *pack) {
     int64_t bq = i1 - i0, kn = i1 - kmin, d = s->d;
     float scale = (float)(1.0 / sqrt((double)d));
-    tp_sgemm(0, 1, bq, kn, d, scale, qb, ldq, kb, ldk, 0.0f, P, kn);
+    tp_sgemm_small(0, 1, bq, kn, d, scale, qb, ldq, kb, ldk, 0.0f, P, kn, pack);
     for (int64_t r = 0; r < bq; r++) {
         int64_t i = i0 + r, lo = lower_bound(s, ds, i) - kmin, hi = i - kmin; /* valid columns [lo, hi] */
         float *p = P + r * kn;
@@ -52,10 +54,11 @@ int tp_attn_fwd(const tp_attn_dims *s, const float *q, const float *k, const flo
 #pragma omp parallel reduction(| : fail)
     {
         float *P = malloc((size_t)BQ * (size_t)T * sizeof(float));
-        if (!P) fail = 1;
+        float *pack = malloc(tp_sgemm_small_scratch() * sizeof(float));
+        if (!P || !pack) fail = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            if (!P) continue;
+            if (!P || !pack) continue;
             int64_t b = task / (H * nblk), h = (task / nblk) % H, blk = task % nblk;
             int64_t i0 = blk * BQ, i1 = i0 + BQ < T ? i0 + BQ : T;
             const int32_t *ds = doc_start + b * T;
@@ -63,10 +66,12 @@ int tp_attn_fwd(const tp_attn_dims *s, const float *q, const float *k, const flo
             const float *qb = q + (b * T + i0) * ldq + h * d;
             const float *kb = k + (b * T + kmin) * ldk + (h / g) * d;
             const float *vb = v + (b * T + kmin) * ldk + (h / g) * d;
-            block_probs(s, ds, qb, ldq, kb, ldk, i0, i1, kmin, P, lse + (b * H + h) * T + i0, NULL);
-            tp_sgemm(0, 0, i1 - i0, d, kn, 1.0f, P, kn, vb, ldk, 0.0f, o + (b * T + i0) * ldq + h * d, ldq);
+            block_probs(s, ds, qb, ldq, kb, ldk, i0, i1, kmin, P, lse + (b * H + h) * T + i0, NULL, pack);
+            tp_sgemm_small(0, 0, i1 - i0, d, kn, 1.0f, P, kn, vb, ldk, 0.0f, o + (b * T + i0) * ldq + h * d, ldq,
+                           pack);
         }
         free(P);
+        free(pack);
     }
     if (fail) return tp_fail(err, TP_ENOMEM, "attention: out of memory for %lld x %lld scores", (long long)BQ, (long long)T);
     return TP_OK;
@@ -84,8 +89,9 @@ int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const flo
     {
         float *P = malloc((size_t)BQ * (size_t)T * sizeof(float));
         float *dP = malloc((size_t)BQ * (size_t)T * sizeof(float));
+        float *pack = malloc(tp_sgemm_small_scratch() * sizeof(float));
         float Dv[BQ];
-        if (!P || !dP) fail = 1;
+        if (!P || !dP || !pack) fail = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < B * Hkv; task++) {
             if (fail) continue;
@@ -100,8 +106,8 @@ int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const flo
                     const float *dob = dout + (b * T + i0) * ldq + h * d;
                     const float *kb = k + (b * T + kmin) * ldk + kvh * d;
                     const float *vb = v + (b * T + kmin) * ldk + kvh * d;
-                    block_probs(s, ds, qb, ldq, kb, ldk, i0, i1, kmin, P, NULL, lse + (b * H + h) * T + i0);
-                    tp_sgemm(0, 1, bq, kn, d, 1.0f, dob, ldq, vb, ldk, 0.0f, dP, kn);
+                    block_probs(s, ds, qb, ldq, kb, ldk, i0, i1, kmin, P, NULL, lse + (b * H + h) * T + i0, pack);
+                    tp_sgemm_small(0, 1, bq, kn, d, 1.0f, dob, ldq, vb, ldk, 0.0f, dP, kn, pack);
                     for (int64_t r = 0; r < bq; r++) {
                         double acc = 0;
                         for (int64_t c = 0; c < d; c++) acc += (double)dob[r * ldq + c] * ob[r * ldq + c];
@@ -112,14 +118,17 @@ int tp_attn_bwd(const tp_attn_dims *s, const float *q, const float *k, const flo
                         const float *p = P + r * kn;
                         for (int64_t c = 0; c < kn; c++) dp[c] = p[c] * (dp[c] - Dv[r]); /* P = 0 where masked */
                     }
-                    tp_sgemm(0, 0, bq, d, kn, scale, dP, kn, kb, ldk, 0.0f, dq + (b * T + i0) * ldq + h * d, ldq);
-                    tp_sgemm(1, 0, kn, d, bq, scale, dP, kn, qb, ldq, 1.0f, dk + (b * T + kmin) * ldk + kvh * d, ldk);
-                    tp_sgemm(1, 0, kn, d, bq, 1.0f, P, kn, dob, ldq, 1.0f, dv + (b * T + kmin) * ldk + kvh * d, ldk);
+                    float *dqb = dq + (b * T + i0) * ldq + h * d, *dkb = dk + (b * T + kmin) * ldk + kvh * d;
+                    float *dvb = dv + (b * T + kmin) * ldk + kvh * d;
+                    tp_sgemm_small(0, 0, bq, d, kn, scale, dP, kn, kb, ldk, 0.0f, dqb, ldq, pack);
+                    tp_sgemm_small(1, 0, kn, d, bq, scale, dP, kn, qb, ldq, 1.0f, dkb, ldk, pack);
+                    tp_sgemm_small(1, 0, kn, d, bq, 1.0f, P, kn, dob, ldq, 1.0f, dvb, ldk, pack);
                 }
             }
         }
         free(P);
         free(dP);
+        free(pack);
     }
     if (fail) return tp_fail(err, TP_ENOMEM, "attention backward: out of memory");
     return TP_OK;
