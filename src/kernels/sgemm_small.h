@@ -1,6 +1,7 @@
 /* sgemm_small.h - fp32 products and unit-triangular solves of small
  * matrices on one thread: the chunked LiZA kernel's (32-256 rows by 32-256
- * columns, each OpenMP thread on its own heads).
+ * columns) and the softmax attention's block products in training (64
+ * query rows against up to T keys), each OpenMP thread on its own heads.
  *
  * Why not OpenBLAS: at these sizes its sgemm and strsm spend much of their
  * time around the compute kernel (generic packing and blocking; strsm was a
