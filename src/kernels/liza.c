@@ -41,12 +41,7 @@ size_t tp_liza_state_count(const tp_liza_dims *s, const tp_liza_cfg *c, const in
     return n * (size_t)s->Hkv;
 }
 
-/* row-major products; trans flags 0/1. fp32: the per-chunk products are
- * small (see sgemm_small.h), pack is the calling thread's scratch. */
-static void gemm_f(float *pack, int ta, int tb, int64_t m, int64_t n, int64_t k, float al, const float *a,
-                   int64_t lda, const float *b, int64_t ldb, float be, float *c, int64_t ldc) {
-    tp_sgemm_small(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc, pack);
-}
+/* row-major double products over cblas; trans flags 0/1 (fp32: sgemm_small.h) */
 static void gemm_d(int ta, int tb, int64_t m, int64_t n, int64_t k, double al, const double *a, int64_t lda,
                    const double *b, int64_t ldb, double be, double *c, int64_t ldc) {
     if (m <= 0 || n <= 0) return;
@@ -55,10 +50,6 @@ static void gemm_d(int ta, int tb, int64_t m, int64_t n, int64_t k, double al, c
 }
 /* Solve (I + L) X = B (trans = 0) or (I + L)ᵀ X = B (trans = 1) in place;
  * L strictly lower, unit diagonal implied. */
-static void trsm_f(float *pack, int trans, int64_t m, int64_t n, const float *L, int64_t ldl, float *b,
-                   int64_t ldb) {
-    tp_strsm_small(trans, m, n, L, ldl, b, ldb, pack);
-}
 static void trsm_d(int trans, int64_t m, int64_t n, const double *L, int64_t ldl, double *b, int64_t ldb) {
     cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, trans ? CblasTrans : CblasNoTrans, CblasUnit, (int)m, (int)n,
                 1.0, L, (int)ldl, b, (int)ldb);
@@ -72,8 +63,9 @@ static inline double expr_d(double x) { return x == 0.0 ? 1.0 : exp(x); }
 #define REAL float
 #define EXPR expr_f
 #define SFX(x) x##_f32
-#define GEMM(...) gemm_f(w->pack, __VA_ARGS__)
-#define TRSM(...) trsm_f(w->pack, __VA_ARGS__)
+/* the per-chunk products are small: sgemm_small.h, w->pack the thread's scratch */
+#define GEMM(...) tp_sgemm_small(__VA_ARGS__, w->pack)
+#define TRSM(...) tp_strsm_small(__VA_ARGS__, w->pack)
 #define tp_liza_fwd_f32 tp_liza_fwd
 #define tp_liza_bwd_f32 tp_liza_bwd
 #include "kernels/liza_impl.h"
@@ -86,6 +78,6 @@ static inline double expr_d(double x) { return x == 0.0 ? 1.0 : exp(x); }
 #define REAL double
 #define EXPR expr_d
 #define SFX(x) x##_f64
-#define GEMM(...) gemm_d(__VA_ARGS__)
+#define GEMM gemm_d
 #define TRSM trsm_d
 #include "kernels/liza_impl.h"

@@ -22,9 +22,9 @@
  * one product raised the fp32 error of y and dq by up to 40% (RMS, vs the
  * double kernel), merging their sums over rows that of dv by 14%, and an
  * explicit inverse of I + L (instead of the solves) that of dv by 9%.
- * GEMM is the caller's: fp32 products go through sgemm_small.h (its own
- * AVX-512 tile; one summation order whatever the shape), double ones
- * through dgemm; the triangular solves stay OpenBLAS's. */
+ * GEMM and TRSM are the caller's: fp32 products and solves go through
+ * sgemm_small.h (its own AVX-512 path; one summation order whatever the
+ * shape), double ones through dgemm and dtrsm. */
 
 typedef struct SFX(ws) {
     int64_t cv, cr, d, g;

@@ -78,7 +78,6 @@ TGT256 static void pack_b(float *bp, int nr, int tb, const float *b, int64_t ldb
     }
 }
 
-
 /* C tile [rows <= 8, cols <= 32] = alpha · Ap Bp + beta · C */
 TGT512 static void ker_8x32(int64_t kb, const float *a, int64_t rs, int64_t cs, const float *bp, float *c,
                             int64_t ldc, int rows, int cols, const float *ab) {
