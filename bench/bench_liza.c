@@ -75,8 +75,16 @@ static double peak_mib(void) {
     return (double)u.ru_maxrss / 1024.0;
 }
 
-static float *rnd(size_t n, tp_rng *r, double scale, double offset) {
+/* float buffers on transparent huge pages where the kernel gives them, as
+ * the decoder's activation arena is (tp_advise_huge) */
+static float *big(size_t n) {
     float *x = malloc(n * sizeof *x);
+    tp_advise_huge(x, n * sizeof *x);
+    return x;
+}
+
+static float *rnd(size_t n, tp_rng *r, double scale, double offset) {
+    float *x = big(n);
     for (size_t i = 0; i < n; i++) x[i] = (float)(offset + scale * (tp_rng_uniform(r) - 0.5));
     return x;
 }
@@ -133,10 +141,10 @@ static void liza_buf_init(liza_buf *L, int64_t T, int64_t H, int64_t d, int64_t 
     tp_liza_dims s = {1, T, H, H, d};
     tp_liza_cfg c = {order, TP_TRICK_DT, 1, (int)cmin};
     size_t ns = tp_liza_state_count(&s, &c, L->ds) * (size_t)(d * d);
-    L->st = malloc(ns * sizeof *L->st);
-    L->y = malloc(n * sizeof(float)); L->dy = rnd(n, &r, 1, 0);
-    L->dq = malloc(n * sizeof(float)); L->dk = malloc(n * sizeof(float)); L->dv = malloc(n * sizeof(float));
-    L->db = malloc(n * sizeof(float)); L->dla = malloc((size_t)(T * H) * sizeof(float));
+    L->st = big(ns);
+    L->y = big(n); L->dy = rnd(n, &r, 1, 0);
+    L->dq = big(n); L->dk = big(n); L->dv = big(n);
+    L->db = big(n); L->dla = big((size_t)(T * H));
 }
 
 static void liza_buf_free(liza_buf *L) {
@@ -289,8 +297,8 @@ static double run_softmax(int64_t T, int64_t H, int64_t d, int reps, double *mem
     double before = rss_mib();
     size_t n = (size_t)(T * H * d);
     float *q = rnd(n, &r, 1, 0), *k = rnd(n, &r, 1, 0), *v = rnd(n, &r, 1, 0), *dout = rnd(n, &r, 1, 0);
-    float *o = malloc(n * sizeof *o), *lse = malloc((size_t)(T * H) * sizeof *lse);
-    float *dq = malloc(n * sizeof *dq), *dk = malloc(n * sizeof *dk), *dv = malloc(n * sizeof *dv);
+    float *o = big(n), *lse = big((size_t)(T * H));
+    float *dq = big(n), *dk = big(n), *dv = big(n);
     int32_t *ds = calloc((size_t)T, sizeof *ds);
     tp_attn_dims s = {1, T, H, H, d, 0};
     tp_err err;

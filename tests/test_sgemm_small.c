@@ -7,7 +7,9 @@
  * the AVX-512 and AVX2 tiles bit for bit equal (same summation order).
  * tp_strsm_small, both directions, against long-double substitution (on
  * the AVX-512 path with the upper triangle and the diagonal of L filled
- * with NaN: never read). */
+ * with NaN: never read). Products on a packed operand (tp_sgemm_small_pack
+ * once, tp_sgemm_small_packed on blocks of it) equal tp_sgemm_small on the
+ * same block bit for bit, on every path, the bytes around C untouched. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -131,6 +133,55 @@ static void trsm_case(int trans, int64_t m, int64_t n, int64_t pad, tp_rng *r, f
     free(x);
 }
 
+/* op(B) [K, N] packed once; blocks [p0, p0 + k) x [j0, j0 + n) of it in
+ * products against tp_sgemm_small on the same block: the same bits, and C
+ * (NaN with beta 0) with its padding as tp_sgemm_small leaves it */
+static void packed_cases(tp_rng *r, float *scratch, const char *path) {
+    enum { K = 300, N = 200, PAD = 3 };
+    struct { int64_t m, n, k, p0, j0; } blk[] = {{1, 1, 1, 0, 0},      {9, 33, 17, 5, 32},   {128, 200, 64, 0, 0},
+                                                {64, 45, 300, 0, 128}, {13, 64, 257, 43, 96}, {8, 7, 2, 298, 192},
+                                                {100, 168, 130, 170, 32}};
+    int64_t nb = K * (N + PAD) > N * (K + PAD) ? K * (N + PAD) : N * (K + PAD); /* B [K, N] or [N, K], padded */
+    float *b = malloc((size_t)nb * sizeof(float));
+    float *buf = malloc(tp_sgemm_small_pack_floats(K, N) * sizeof(float));
+    float *a = malloc((size_t)(300 * 310) * sizeof(float));
+    float *c = malloc((size_t)(128 * 210 + 64) * sizeof(float)), *c2 = malloc((size_t)(128 * 210 + 64) * sizeof(float));
+    for (int64_t i = 0; i < nb; i++) b[i] = tp_rng_normal(r);
+    for (int64_t i = 0; i < 300 * 310; i++) a[i] = tp_rng_normal(r);
+    int bad = 0, cases = 0;
+    for (int tb = 0; tb < 2; tb++) {
+        int64_t ldb = tb ? K + PAD : N + PAD;
+        tp_sgemm_small_b pb;
+        tp_sgemm_small_pack(&pb, tb, K, N, b, ldb, buf);
+        for (size_t bi = 0; bi < sizeof blk / sizeof blk[0]; bi++)
+            for (int ta = 0; ta < 2; ta++)
+                for (int beta0 = 0; beta0 < 2; beta0++) {
+                    int64_t m = blk[bi].m, n = blk[bi].n, k = blk[bi].k, p0 = blk[bi].p0, j0 = blk[bi].j0;
+                    int64_t lda = (ta ? m : k) + 2, ldc = n + 5;
+                    float beta = beta0 ? 0.0f : 0.75f;
+                    for (int64_t i = 0; i < 128 * 210 + 64; i++) c[i] = beta0 ? NAN : (float)(i % 17) - 8.0f;
+                    memcpy(c2, c, (size_t)(128 * 210 + 64) * sizeof(float));
+                    tp_sgemm_small_packed(ta, m, n, k, -0.5f, a, lda, &pb, p0, j0, beta, c, ldc, scratch);
+                    const float *bb = tb ? b + j0 * ldb + p0 : b + p0 * ldb + j0;
+                    tp_sgemm_small(ta, tb, m, n, k, -0.5f, a, lda, bb, ldb, beta, c2, ldc, scratch);
+                    int same = 1;
+                    for (int64_t i = 0; i < 128 * 210 + 64; i++) /* NaN padding compares by bits */
+                        same &= memcmp(&c[i], &c2[i], sizeof(float)) == 0;
+                    CHECK_MSG(same, "%s packed: tb %d ta %d m %lld n %lld k %lld p0 %lld j0 %lld beta %g differs from "
+                              "tp_sgemm_small", path, tb, ta, (long long)m, (long long)n, (long long)k,
+                              (long long)p0, (long long)j0, beta);
+                    bad += !same;
+                    cases++;
+                }
+    }
+    printf("%s: %d products on a packed operand, %d differ\n", path, cases, bad);
+    free(b);
+    free(buf);
+    free(a);
+    free(c);
+    free(c2);
+}
+
 int main(void) {
     shape shapes[] = {{1, 1, 1},    {7, 5, 3},     {8, 32, 16},   {9, 33, 17},    {64, 128, 128}, {64, 64, 128},
                       {128, 128, 64}, {6, 16, 256}, {13, 129, 257}, {100, 200, 300}, {33, 47, 520}, {3, 300, 2}};
@@ -186,6 +237,15 @@ int main(void) {
                               tp_mm_isa_name((tp_mm_isa)isa));
     }
     printf("triangular solves tested on %d path(s)\n", trsm_paths);
+    /* packed operands: own tiles (AVX-512; AVX2 with its tile on) and the OpenBLAS fallback */
+    tp_rng_seed(&r, 7, 0);
+    for (int isa = hw; isa >= TP_ISA_AVX2; isa--)
+        for (int tile = 1; tile >= (isa == TP_ISA_AVX2 ? 0 : 1); tile--) {
+            tp_mm_force_isa(isa);
+            tp_sgemm_small_avx2_tile(tile);
+            packed_cases(&r, scratch, tile ? tp_mm_isa_name((tp_mm_isa)isa) : "cblas");
+        }
+    tp_sgemm_small_avx2_tile(0);
     tp_mm_force_isa(-1);
     if (paths == 0) printf("SKIP: no AVX2 on this CPU: only the cblas fallback, tested through test_liza\n");
     printf("tile paths tested: %d (%s), %d cases compared avx512 vs avx2 bit for bit\n", paths,

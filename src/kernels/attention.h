@@ -11,7 +11,7 @@
  *                            document starts
  * Query i sees key j iff doc_start[i] <= j <= i and (window == 0 or
  * i - window < j). Query head h uses kv head h / (H/Hkv). Scale d^-1/2.
- * Work is split over (row, head, query block) in forward and over (row, kv
+ * Work is split over (row, head) in forward and over (row, kv
  * head) in backward, so every output is written by one thread in a fixed
  * order: results do not depend on the thread count. */
 #ifndef TPTT_KERNELS_ATTENTION_H

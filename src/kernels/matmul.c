@@ -126,6 +126,7 @@ static int grow(void **buf, size_t *cap, size_t bytes, tp_err *err) {
     if (*cap >= bytes) return TP_OK;
     void *p = realloc(*buf, bytes);
     if (!p) return tp_fail(err, TP_ENOMEM, "out of memory allocating %zu bytes of matmul scratch", bytes);
+    if (!*buf) tp_advise_huge(p, bytes);
     *buf = p;
     *cap = bytes;
     return TP_OK;

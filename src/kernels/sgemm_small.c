@@ -201,6 +201,43 @@ void tp_sgemm_small(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha
     }
 }
 
+size_t tp_sgemm_small_pack_floats(int64_t k, int64_t n) { return (size_t)((n + 31) / 32 * 32) * (size_t)k; }
+
+int tp_sgemm_small_packs(void) { return tp_mm_isa_current() == TP_ISA_AVX512; }
+
+void tp_sgemm_small_pack(tp_sgemm_small_b *pb, int tb, int64_t k, int64_t n, const float *b, int64_t ldb,
+                         float *buf) {
+    *pb = (tp_sgemm_small_b){b, ldb, k, n, tb, NULL};
+    if (!tp_sgemm_small_packs() || k <= 0 || n <= 0) return;
+    pack_b(buf, 32, tb, b, ldb, k, n); /* kb = k: panel pan at buf + pan·32·k, row p at + p·32 */
+    pb->packed = buf;
+}
+
+void tp_sgemm_small_packed(int ta, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+                           const tp_sgemm_small_b *pb, int64_t p0, int64_t j0, float beta, float *c, int64_t ldc,
+                           float *scratch) {
+    if (m <= 0 || n <= 0) return;
+    if (!pb->packed || k <= 0) {
+        const float *b = pb->tb ? pb->b + j0 * pb->ldb + p0 : pb->b + p0 * pb->ldb + j0;
+        tp_sgemm_small(ta, pb->tb, m, n, k, alpha, a, lda, b, pb->ldb, beta, c, ldc, scratch);
+        return;
+    }
+    int64_t rs = ta ? 1 : lda, cs = ta ? lda : 1;
+    /* per panel the same blocks of KB rows as tp_sgemm_small, in the same order */
+    for (int64_t jc = 0; jc < n; jc += 32) {
+        int cols = (int)(n - jc < 32 ? n - jc : 32);
+        const float *panel = pb->packed + (j0 + jc) / 32 * 32 * pb->k;
+        for (int64_t pp = 0; pp < k; pp += KB) {
+            int64_t kb = k - pp < KB ? k - pp : KB;
+            float ab[2] = {alpha, pp ? 1.0f : beta};
+            const float *bp = panel + (p0 + pp) * 32;
+            for (int64_t i0 = 0; i0 < m; i0 += 8)
+                ker_8x32(kb, a + i0 * rs + pp * cs, rs, cs, bp, c + i0 * ldc + jc, ldc,
+                         (int)(m - i0 < 8 ? m - i0 : 8), cols, ab);
+        }
+    }
+}
+
 /* Unit lower solve within rows [r0, r1) of B (already updated for the rows
  * above): forward (trans = 0: row r -= Σ_{r0<=j<r} L[r, j] row j) or, trans
  * = 1 (Lᵀ, upper), backward (row r -= Σ_{r<j<r1} L[j, r] row j); 64 columns

@@ -42,6 +42,43 @@ size_t tp_sgemm_small_scratch(void);
 void tp_sgemm_small(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
                     const float *b, int64_t ldb, float beta, float *c, int64_t ldc, float *scratch);
 
+/* op(B) [k, n] prepared once for many products that each use a block of
+ * it (the softmax attention's keys and values, reused by every query block
+ * of a head). AVX-512: packed into panels of 32 columns, p-major, each
+ * holding all k rows, so any rows [p0, p0 + kb) of a panel are contiguous;
+ * otherwise only b, ldb and tb are recorded and each product is a
+ * tp_sgemm_small call on the block. Pack and products must run under the
+ * same ISA (tp_mm_isa_current). */
+typedef struct tp_sgemm_small_b {
+    const float *b; /* the source (products read it when not packed) */
+    int64_t ldb, k, n;
+    int tb;
+    const float *packed; /* NULL when not packed */
+} tp_sgemm_small_b;
+
+/* Floats of buf that tp_sgemm_small_pack may fill for op(B) [k, n]:
+ * ceil(n / 32) · 32 · k. */
+size_t tp_sgemm_small_pack_floats(int64_t k, int64_t n);
+
+/* 1 when tp_sgemm_small_pack fills buf under the ISA in effect (else buf
+ * is not touched and may be NULL). */
+int tp_sgemm_small_packs(void);
+
+/* Describe op(B) (B [k, n] (ldb >= n) or, tb = 1, Bᵀ of B [n, k] (ldb >= k))
+ * in *pb, packing it into buf (caller-owned, tp_sgemm_small_pack_floats
+ * floats) where the ISA packs. pb and buf must outlive the products; b too
+ * where nothing is packed. */
+void tp_sgemm_small_pack(tp_sgemm_small_b *pb, int tb, int64_t k, int64_t n, const float *b, int64_t ldb,
+                         float *buf);
+
+/* C[m, n] = alpha · op(A) · op(B)[p0 : p0 + k, j0 : j0 + n] + beta · C, op(B)
+ * as described by pb (j0 a multiple of 32; the block inside op(B)). A, C,
+ * beta and scratch as for tp_sgemm_small; the sums are those tp_sgemm_small
+ * forms on the same block, bit for bit. */
+void tp_sgemm_small_packed(int ta, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+                           const tp_sgemm_small_b *pb, int64_t p0, int64_t j0, float beta, float *c, int64_t ldc,
+                           float *scratch);
+
 /* Solve (I + L) X = B (trans = 0) or (I + L)ᵀ X = B (trans = 1) in place:
  * L [m, m] strictly lower (ldl; its diagonal and upper part are not read, a
  * unit diagonal is implied), B [m, n] (ldb) becomes X. AVX-512: blocks of 16

@@ -10,6 +10,7 @@
 #include "kernels/liza.h"
 #include "kernels/liza_gates.h"
 #include "kernels/ops.h"
+#include "util/platform.h"
 
 /* ---- linear modules with LoRA ------------------------------------------ */
 
@@ -172,6 +173,7 @@ static int layer_fwd(tp_decoder *m, int l, acts *A, float *x, const tp_batch *b,
         if (ns > A->states_cap) {
             float *np = realloc(A->states, ns * sizeof(float));
             if (!np) return tp_fail(err, TP_ENOMEM, "liza: out of memory for %zu chunk states", ns / (size_t)(d * d));
+            if (!A->states) tp_advise_huge(np, ns * sizeof(float));
             A->states = np;
             A->states_cap = ns;
         }

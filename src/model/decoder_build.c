@@ -10,6 +10,7 @@
 #include "kernels/liza.h"
 #include "kernels/liza_gates.h"
 #include "kernels/ops.h"
+#include "util/platform.h"
 #include "util/rng.h"
 
 const char *const tp_module_names[TP_NMOD] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -400,6 +401,7 @@ int tp_decoder_ensure_acts(tp_decoder *m, int64_t N, int64_t T, tp_err *err) {
     free(m->arena);
     free(m->A);
     m->arena = malloc(total * sizeof(float));
+    tp_advise_huge(m->arena, total * sizeof(float));
     m->A = calloc((size_t)nsets, sizeof *m->A);
     m->nsets = m->A ? nsets : 0;
     if (!m->arena || !m->A) {

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cpuid.h>
@@ -84,4 +86,16 @@ void tp_platform_describe(char *buf, unsigned long n) {
              blas_version(), openblas_get_corename(), getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "unset",
              v->major, v->minor, v->patch, eff, omp_get_max_threads(),
              getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "unset", f.avx2, f.avx512f, f.avx512_bf16);
+}
+
+void tp_advise_huge(void *p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    if (!p || bytes < 2 * huge) return;
+    uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), e = ((uintptr_t)p + bytes) & ~(huge - 1);
+    if (e > a) (void)madvise((void *)a, e - a, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
 }
